@@ -1,0 +1,254 @@
+"""Triton kernel for the dual-branch linear: y = x W^T + b, plus scale * (x A^T) B^T on uncond rows.
+
+One launch, one read of x and W, one write of y. Program tiles whose rows include uncond rows run a
+main loop that also accumulates the shrink s = x A^T (rank padded to a power of two >= 16) next to
+the base product, and add the expand s B^T in the epilogue before the single store; tiles of cond
+rows only run the plain loop. A tile that straddles the uncond/cond boundary masks s by row.
+
+Recomputing the shrink in every column tile costs rank/BLOCK_N of extra matrix work on uncond
+tiles: free while the layer is memory-bound, not for large ranks on compute-bound shapes. There
+the ``"separate"`` shrink mode takes s from one small cuBLAS product first and keeps only the
+expand fused (one extra read of the uncond rows). ``"auto"`` picks between them per shape.
+
+Importing this module imports triton; set TRITON_INTERPRET=1 before that to run on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["KernelConfig", "pick_config", "pick_shrink_mode", "dual_branch_linear_triton"]
+
+ShrinkMode = Literal["auto", "fused", "separate"]
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST only under the CPU interpreter, whose tl.dot multiplies bf16 bit patterns as integers.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R, stride_xk, stride_wk, stride_dk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rank_ok = offs_r[None, :] < R
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+            d = tl.load(d_ptrs, mask=rank_ok, other=0.0)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            d = tl.load(d_ptrs, mask=(offs_k[:, None] < k_left) & rank_ok, other=0.0)
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        s = _mma(a, d, s, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        d_ptrs += BLOCK_K * stride_dk
+    return acc, s
+
+
+@triton.jit(do_not_specialize=["n_uncond"])
+def _dual_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, s_ptr, out_ptr,
+    M, N, K, R, n_uncond, scale,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_dr, stride_dk, stride_un, stride_ur,
+    stride_sm, stride_sr, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles sweep the columns together, so x stays in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m % M  # wrapped for unmasked loads; the store is masked
+    cols = offs_n % N
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # a (BLOCK_K, BLOCK_N) tile of W^T
+
+    if pid_m * BLOCK_M < n_uncond:
+        if FUSED_SHRINK:
+            d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
+            acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
+                                  stride_xk, stride_wk, stride_dk,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
+        else:
+            acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
+                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+            s_mask = (offs_m[:, None] < n_uncond) & (offs_r[None, :] < R)
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+            s = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        # Expand: cond rows of a straddling tile get nothing; padded rank columns meet zero rows of up.
+        s = tl.where(offs_m[:, None] < n_uncond, s * scale, 0.0)
+        up_t = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+                       mask=offs_r[:, None] < R, other=0.0)
+        acc = _mma(s.to(up_t.dtype), up_t, acc, DOT_PRECISION, UPCAST)
+    else:
+        acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests).
+INTERPRETED = not isinstance(_dual_linear_kernel, triton.runtime.JITFunction)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch shape of one compiled variant of the kernel."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def rank_block(rank: int) -> int:
+    """Rank padded to what tl.dot accepts: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+def pick_config(m: int, n: int, k: int, rank: int, element_size: int = 2) -> KernelConfig:
+    """Hand-picked tiles per size class (no autotuning: it syncs, so it cannot run under graph capture)."""
+    block_r = rank_block(rank)
+    block_n = 128 if n % 128 == 0 or n > 1024 else 64
+    block_m = 64 if m <= 512 else 128
+    block_k = 64 if k % 64 == 0 or k > 256 else 32
+    # Shared memory per pipeline stage: the x, W and (fused) down tiles.
+    stage_bytes = element_size * block_k * (block_m + block_n + block_r)
+    num_stages = max(2, min(4, (160 * 1024) // stage_bytes))
+    num_warps = 8 if block_m * (block_n + block_r) >= 128 * 128 else 4
+    return KernelConfig(block_m, block_n, block_k, 8, num_warps, num_stages)
+
+
+# Roofline constants for the shrink-mode choice (H100 SXM; calibrated by benchmarks/kernel_bench.py).
+_MATRIX_FLOPS = 6.0e14  # what the kernel's main loop reaches on 16-bit operands
+_BANDWIDTH = 3.0e12  # bytes/s from device memory
+_LAUNCH_S = 2.0e-6  # one more kernel in the stream
+
+
+def pick_shrink_mode(m: int, n: int, k: int, rank: int, n_uncond: int, config: KernelConfig) -> str:
+    """Fuse the shrink into the main loop unless recomputing it per column tile costs more than a pass.
+
+    The fused shrink repeats n_uncond * k * block_r multiply-adds in each of the cdiv(n, block_n)
+    column tiles; that is free while the layer is memory-bound. The separate shrink does that work
+    once but reads the uncond rows again and adds a launch. A two-term roofline picks the cheaper.
+    """
+    if n_uncond == 0:
+        return "fused"
+    block_r = rank_block(rank)
+    bytes_moved = 2 * (m * k + n * k + m * n)
+    base_flops = 2 * m * n * k + 2 * n_uncond * block_r * n
+    fused_flops = base_flops + 2 * n_uncond * k * block_r * triton.cdiv(n, config.block_n)
+    separate_flops = base_flops + 2 * n_uncond * k * rank
+    fused_s = max(bytes_moved / _BANDWIDTH, fused_flops / _MATRIX_FLOPS)
+    separate_s = max((bytes_moved + 2 * n_uncond * k) / _BANDWIDTH, separate_flops / _MATRIX_FLOPS) + _LAUNCH_S
+    return "fused" if fused_s <= separate_s else "separate"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's tf32 switch; 16-bit inputs always use the tensor cores."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def dual_branch_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    n_uncond: int,
+    *,
+    shrink: ShrinkMode = "auto",
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the dual-branch kernel (arguments as the custom op; shapes are checked by the caller).
+
+    No host sync and output of a fixed size, so it can be captured in a CUDA graph once compiled:
+    run it once before capture. ``shrink`` and ``config`` override the per-shape choice (benchmarks);
+    ``out``, a contiguous (rows, out_features) tensor of x's dtype, receives the result (tests poison it).
+    """
+    out_features, in_features = weight.shape
+    rank = down.shape[0]
+    rows = x.reshape(-1, in_features)
+    m = rows.shape[0]
+    if out is None:
+        out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, out_features) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({m}, {out_features})")
+    if m == 0 or out_features == 0:
+        return out.reshape(*x.shape[:-1], out_features)
+    cfg = config or pick_config(m, out_features, in_features, rank, x.element_size())
+    mode = pick_shrink_mode(m, out_features, in_features, rank, n_uncond, cfg) if shrink == "auto" else shrink
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"shrink must be 'auto', 'fused' or 'separate', got {shrink!r}")
+    fused = mode == "fused"
+    shrunk = rows[:n_uncond] @ down.t() if (not fused and n_uncond > 0) else out  # `out` is an unread placeholder
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n),)
+    _dual_linear_kernel[grid](
+        rows, weight, bias if bias is not None else out, down, up, shrunk, out,
+        m, out_features, in_features, rank, n_uncond, float(scale),
+        rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1),
+        down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+        shrunk.stride(0), shrunk.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, FUSED_SHRINK=fused,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(rank),
+        GROUP_M=cfg.group_m, EVEN_K=in_features % cfg.block_k == 0,
+        DOT_PRECISION=_dot_precision(x.dtype), UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,326 @@
+"""Dual-branch kernels against a float64 reference; the custom op's CPU, fake, compile and autograd paths.
+
+Without a GPU the Triton kernel runs under TRITON_INTERPRET=1 (set here, before triton is imported)
+on small shapes; with one, the same tests run the compiled kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
+from npo_merge.errors import CompatibilityError  # noqa: E402
+from npo_merge.guidance.kernels import (  # noqa: E402
+    available,
+    dual_branch_conv1x1,
+    dual_branch_conv2d_reference,
+    dual_branch_conv2d_unfused,
+    dual_branch_linear_reference,
+    dual_branch_linear_unfused,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install npo-merge[kernels])")
+needs_cuda = pytest.mark.skipif(not available(), reason="needs a CUDA device and triton")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+SCALE = 0.75
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; infinite when out holds a NaN or inf (so NaN never passes)."""
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _layer(rows: int, k: int, n: int, rank: int, dtype: torch.dtype, *, seed: int, bias: bool = True):
+    """Fresh random x (rows, k), W, b, down, up, scaled so the low-rank update is as large as x W^T."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(dtype=dtype, device=DEVICE)
+
+    x = draw(rows, k)
+    weight = draw(n, k, std=k**-0.5)
+    b = draw(n) if bias else None
+    down = draw(rank, k, std=k**-0.5)
+    up = draw(n, rank, std=rank**-0.5)
+    return x, weight, b, down, up
+
+
+def _float64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.double() for t in tensors]
+
+
+def _assert_branches_close(out: torch.Tensor, ref: torch.Tensor, n_uncond: int, tol: float) -> None:
+    """Each branch on its own, so an error confined to the uncond rows cannot hide in the average."""
+    rows_out, rows_ref = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    for name, part in (("uncond", slice(None, n_uncond)), ("cond", slice(n_uncond, None))):
+        if rows_ref[part].numel():
+            err = _rel_err(rows_out[part], rows_ref[part])
+            assert err < tol, f"{name} rows: relative error {err:.3g} >= {tol}"
+
+
+# --------------------------------------------------------------------------- the Triton kernel
+
+if HAS_TRITON:
+    from npo_merge.guidance.kernels.dual_linear_triton import (
+        INTERPRETED,
+        KernelConfig,
+        dual_branch_linear_triton,
+        pick_config,
+        rank_block,
+    )
+
+    # Small tiles so the interpreter's shapes still span several row and column tiles.
+    SMALL = KernelConfig(block_m=32, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2)
+
+
+def _run_kernel(x, weight, bias, down, up, n_uncond, *, shrink, config=None):
+    """The kernel writing into a NaN-poisoned output, so any element it skips fails the check."""
+    out = torch.full((x.numel() // x.shape[-1], weight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    y = dual_branch_linear_triton(x, weight, bias, down, up, SCALE, n_uncond, shrink=shrink, config=config, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+@needs_triton
+def test_kernel_runs_interpreted_without_a_gpu():
+    assert INTERPRETED == (not torch.cuda.is_available())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rank", [1, 8, 24, 64, 128])
+def test_kernel_matches_float64(rank, dtype):
+    rows, k, n = 96, 48, 80  # 3 row tiles x 3 column tiles, K not a multiple of the K block
+    for seed, (n_uncond, shrink) in enumerate([(rows // 2, "fused"), (37, "separate"), (37, "fused")]):
+        x, weight, bias, down, up = _layer(rows, k, n, rank, dtype, seed=seed)
+        ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), SCALE, n_uncond)
+        out = _run_kernel(x, weight, bias, down, up, n_uncond, shrink=shrink, config=SMALL)
+        _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("shrink", ["fused", "separate"])
+@pytest.mark.parametrize("split", ["none", "all", "half", "inside_tile", "one_row"])
+def test_kernel_batch_splits(split, shrink):
+    rows = 70
+    n_uncond = {"none": 0, "all": rows, "half": rows // 2, "inside_tile": 45, "one_row": 1}[split]
+    x, weight, bias, down, up = _layer(rows, 64, 48, 16, torch.float16, seed=7)
+    ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), SCALE, n_uncond)
+    out = _run_kernel(x, weight, bias, down, up, n_uncond, shrink=shrink, config=SMALL)
+    _assert_branches_close(out, ref, n_uncond, 1e-2)
+
+
+@needs_triton
+def test_kernel_leading_dims_no_bias_and_strided_input():
+    """x of shape (batch, tokens, in) taken as a strided view, no bias, default tile choice."""
+    wide = _layer(2 * 3 * 11, 2 * 40, 24, 8, torch.float16, seed=3, bias=False)[0]
+    x = wide.view(6, 11, 80)[..., ::2]  # last-dim stride 2: the kernel reads strides, not a copy
+    _, weight, _, down, up = _layer(1, 40, 24, 8, torch.float16, seed=4)
+    n_uncond = 3 * 11
+    ref = dual_branch_linear_reference(*_float64(x, weight, None, down, up), SCALE, n_uncond)
+    out = _run_kernel(x, weight, None, down, up, n_uncond, shrink="auto")
+    assert out.shape == (6, 11, 24)
+    _assert_branches_close(out, ref, n_uncond, 1e-2)
+
+
+@needs_triton
+def test_update_is_large_enough_to_fail_a_wrong_kernel():
+    """The fixtures make the branch difference material: dropping it would miss the tolerance by far."""
+    x, weight, bias, down, up = _float64(*_layer(64, 48, 40, 8, torch.float32, seed=0))
+    with_update = dual_branch_linear_reference(x, weight, bias, down, up, SCALE, 64)
+    without = dual_branch_linear_reference(x, weight, bias, down, up, 0.0, 64)
+    assert _rel_err(without, with_update) > 0.3
+
+
+@needs_triton
+@pytest.mark.parametrize("rank", [1, 8, 24, 64, 128])
+def test_configs_fit_shared_memory_for_unet_shapes(rank):
+    """Every tile choice for SD1.5/SDXL layer shapes stays within an H100's 227 KiB of shared memory."""
+    for m, k, n in [(8192, 320, 320), (8192, 320, 2560), (2048, 2560, 640), (154, 2048, 1280), (512, 5120, 1280)]:
+        for element_size in (2, 4):
+            cfg = pick_config(m, n, k, rank, element_size)
+            stage = element_size * cfg.block_k * (cfg.block_m + cfg.block_n + rank_block(rank))
+            assert stage * cfg.num_stages <= 227 * 1024
+            assert rank_block(rank) >= max(16, rank)
+
+
+# --------------------------------------------------------------------------- the custom op (no triton needed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_uncond", [0, 9, 20])
+def test_op_matches_reference(dtype, n_uncond):
+    x, weight, bias, down, up = _layer(20, 12, 10, 3, dtype, seed=n_uncond)
+    x = x.view(4, 5, 12)
+    ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), SCALE, n_uncond)
+    out = torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, n_uncond)
+    assert out.shape == (4, 5, 10) and out.dtype == dtype
+    _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+
+
+def test_op_passes_opcheck():
+    """Schema, fake tensor, autograd registration and AOT dispatch (what torch.compile relies on)."""
+    x, weight, bias, down, up = _layer(8, 6, 5, 2, torch.float32, seed=1)
+    samples = [
+        (x, weight, bias, down, up, SCALE, 4),
+        (x.view(2, 4, 6), weight, None, down, up, 1.0, 8),
+        (x.requires_grad_(), weight.requires_grad_(), bias, down.requires_grad_(), up, SCALE, 3),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.npo_merge.dual_branch_linear.default, args)
+
+
+def test_fake_impl_gives_shape_and_dtype_and_rejects_mismatches():
+    with FakeTensorMode():
+        x = torch.empty(2, 4096, 320, dtype=torch.float16)
+        weight, bias = torch.empty(640, 320, dtype=torch.float16), torch.empty(640, dtype=torch.float16)
+        down, up = torch.empty(64, 320, dtype=torch.float16), torch.empty(640, 64, dtype=torch.float16)
+        out = torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, 4096)
+        assert out.shape == (2, 4096, 640) and out.dtype == torch.float16
+        with pytest.raises(CompatibilityError, match="LoRA factors"):
+            torch.ops.npo_merge.dual_branch_linear(x, weight, bias, up, down, SCALE, 4096)
+        with pytest.raises(CompatibilityError, match="outside"):
+            torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, 8193)
+        with pytest.raises(CompatibilityError, match="one dtype"):
+            torch.ops.npo_merge.dual_branch_linear(x.float(), weight, bias, down, up, SCALE, 0)
+
+
+def test_op_compiles_into_one_graph_on_cpu():
+    """torch.compile traces the op through its fake impl as one node, and the compiled result is right."""
+    seen: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    def block(x, weight, bias, down, up):
+        h = torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, x.shape[0] // 2 * x.shape[1])
+        return torch.nn.functional.gelu(h)
+
+    x, weight, bias, down, up = _layer(2 * 6, 16, 8, 4, torch.float32, seed=5)
+    x = x.view(2, 6, 16)
+    eager = block(x, weight, bias, down, up)
+    compiled = torch.compile(block, backend=recording_backend, fullgraph=True)(x, weight, bias, down, up)
+    op = torch.ops.npo_merge.dual_branch_linear
+    assert any(node.target in (op, op.default) for gm in seen for node in gm.graph.nodes)
+    torch.testing.assert_close(compiled, eager)
+    aot = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(aot(x, weight, bias, down, up), eager)
+
+
+def test_op_gradients_match_finite_differences():
+    x, weight, bias, down, up = (t.requires_grad_() for t in _float64(*_layer(7, 5, 4, 3, torch.float32, seed=2)))
+
+    def op(x, weight, bias, down, up):
+        return torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, 3)
+
+    assert torch.autograd.gradcheck(op, (x, weight, bias, down, up))
+
+
+def test_unfused_path_equals_reference_in_float64():
+    x, weight, bias, down, up = _float64(*_layer(16, 10, 6, 2, torch.float32, seed=11))
+    for n_uncond in (0, 5, 16):
+        torch.testing.assert_close(
+            dual_branch_linear_unfused(x, weight, bias, down, up, SCALE, n_uncond),
+            dual_branch_linear_reference(x, weight, bias, down, up, SCALE, n_uncond),
+        )
+
+
+# --------------------------------------------------------------------------- conv helpers
+
+
+def _conv_layer(kernel: int, rank: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    fan_in = 6 * kernel * kernel
+
+    def draw(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(dtype=dtype, device=DEVICE)
+
+    return (
+        draw(4, 6, 9, 7),
+        draw(5, 6, kernel, kernel, std=fan_in**-0.5),
+        draw(5),
+        draw(rank, 6, kernel, kernel, std=fan_in**-0.5),
+        draw(5, rank, 1, 1, std=rank**-0.5),
+    )
+
+
+@pytest.mark.parametrize("n_uncond", [0, 2, 4])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1)])
+def test_conv3x3_torch_path_matches_merged_kernels(n_uncond, stride, padding):
+    x, weight, bias, down, up = _conv_layer(3, 4, torch.float32, seed=n_uncond)
+    ref = dual_branch_conv2d_reference(*_float64(x, weight, bias, down, up), SCALE, n_uncond, stride, padding)
+    out = dual_branch_conv2d_unfused(x, weight, bias, down, up, SCALE, n_uncond, stride, padding)
+    assert out.shape == ref.shape
+    assert _rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv1x1_through_the_linear_op(channels_last):
+    x, weight, bias, down, up = _conv_layer(1, 3, torch.float32, seed=4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = dual_branch_conv2d_reference(*_float64(x, weight, bias, down, up), SCALE, 2)
+    out = dual_branch_conv1x1(x, weight, bias, down, up, SCALE, 2)
+    assert out.shape == ref.shape
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_conv_helpers_reject_factors_that_do_not_fit():
+    x, weight, bias, down, up = _conv_layer(3, 4, torch.float32, seed=0)
+    with pytest.raises(CompatibilityError, match="do not fit"):
+        dual_branch_conv2d_unfused(x, weight, bias, down[:, :5], up, SCALE, 2, 1, 1)
+    with pytest.raises(CompatibilityError, match="1x1"):
+        dual_branch_conv1x1(x, weight, bias, down, up, SCALE, 2)
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+def test_available_is_false_without_cuda():
+    assert available() == (torch.cuda.is_available() and HAS_TRITON)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_op_replays_in_a_cuda_graph(dtype):
+    """Capture once, then replay on new inputs copied into the static buffers."""
+    x, weight, bias, down, up = _layer(2 * 1024, 320, 640, 8, dtype, seed=0)
+    n_uncond = 1024
+    torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, n_uncond)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, n_uncond)
+    for seed in (1, 2):
+        x.copy_(_layer(2 * 1024, 320, 640, 8, dtype, seed=seed)[0])
+        static_out.fill_(float("nan"))
+        graph.replay()
+        ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), SCALE, n_uncond)
+        _assert_branches_close(static_out, ref, n_uncond, 1e-2)
+
+
+@needs_cuda
+def test_op_under_inductor_on_cuda():
+    x, weight, bias, down, up = _layer(2 * 512, 640, 1280, 64, torch.float16, seed=3)
+
+    def block(x):
+        return torch.nn.functional.gelu(torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, 512))
+
+    ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), SCALE, 512)
+    out = torch.compile(block, fullgraph=True)(x)
+    assert _rel_err(out, torch.nn.functional.gelu(ref)) < 1e-2
