@@ -393,3 +393,28 @@ def test_cache_works_for_captioned_folders(tmp_path):
                           encode_captions=enc.encode_captions)
     assert enc.images == 2 and enc.captions == ["same caption"]  # content-keyed: duplicates encode once
     assert torch.equal(cached[0]["image"]["mean"], cached[2]["image"]["mean"])
+
+
+# --------------------------------------------------------------------------------------------
+# Block-wise order for parquet row groups
+# --------------------------------------------------------------------------------------------
+
+
+def test_block_ids_follow_parquet_row_groups(parquet_dir):
+    ds = D.PairDataset(D.open_pickapic(parquet_dir), 16, ties="jpg_0")
+    # 5 rows written with row_group_size=2: groups {0, 1}, {2, 3}, {4}
+    assert ds.block_ids() == [0, 0, 1, 1, 2]
+    dropped = D.PairDataset(D.open_pickapic(parquet_dir), 16)  # rows 0, 1, 3 remain
+    assert dropped.block_ids() == [0, 0, 1]
+
+
+def test_blockwise_order_keeps_blocks_together_and_shuffles():
+    blocks = [0, 0, 0, 1, 1, 2, 2, 2, 2, 5]
+    orders = [D.blockwise_order(blocks, seed=s, epoch=e) for s in range(4) for e in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(10))
+        seen = [blocks[i] for i in order]
+        runs = [b for k, b in enumerate(seen) if k == 0 or seen[k - 1] != b]
+        assert sorted(runs) == [0, 1, 2, 5]  # each block visited in one contiguous run
+    assert len({tuple(o) for o in orders}) > 6
+    assert D.blockwise_order(blocks, seed=1, epoch=2) == D.blockwise_order(blocks, seed=1, epoch=2)

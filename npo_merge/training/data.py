@@ -43,6 +43,7 @@ from npo_merge.errors import InputError, NpoMergeError
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _COMMON_SPLITS = {"train", "test", "validation", "valid", "val", "dev"}
+# How a pair labelled 0.5 is resolved: dropped, or kept with the named image as winner.
 TieWinner = Literal["drop", "jpg_0", "jpg_1"]
 
 
@@ -155,6 +156,21 @@ class _TableImages:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": {}, "_groups": OrderedDict()}
 
+    def block_ids(self) -> np.ndarray:
+        """Per row, the id of the parquet row group holding it (arrow rows, cheap to reach, get one id each)."""
+        ids, next_id = [], 0
+        for f, path in enumerate(self.files):
+            n = int(self.starts[f + 1] - self.starts[f])
+            if path.suffix == ".arrow":
+                ids.append(np.arange(next_id, next_id + n))
+                next_id += n
+                continue
+            meta = _pyarrow().parquet.ParquetFile(path).metadata
+            for g in range(meta.num_row_groups):
+                ids.append(np.full(meta.row_group(g).num_rows, next_id))
+                next_id += 1
+        return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
     def locate(self, row: int) -> tuple[int, int]:
         """(file number, row within that file)."""
         f = int(np.searchsorted(self.starts, row, side="right")) - 1
@@ -256,6 +272,10 @@ class PairSource:
         """Where `row` comes from, for error messages ("train-0.parquet row 17")."""
         raise NotImplementedError
 
+    def block_ids(self) -> np.ndarray:
+        """Per row, a storage block id: rows sharing one are cheap to read together (see `blockwise_order`)."""
+        return np.arange(len(self))
+
 
 class _TablePairs(PairSource):
     def __init__(self, name: str, captions: list[str], labels: list[Any], images: _TableImages):
@@ -263,6 +283,9 @@ class _TablePairs(PairSource):
 
     def image(self, row: int, which: int) -> bytes:
         return self._images.get(row, f"jpg_{which}")
+
+    def block_ids(self) -> np.ndarray:
+        return self._images.block_ids()
 
     def where(self, row: int) -> str:
         f, local = self._images.locate(row)
@@ -346,8 +369,8 @@ def open_pair_jsonl(path: str | os.PathLike[str]) -> PairSource:
 # --------------------------------------------------------------------------------------------
 
 
-class _ImageItems(Dataset):
-    """Shared machinery: roles, per-item flip, and the raw bytes behind each role (for the cache)."""
+class ImageItemDataset(Dataset):
+    """Base of the pixel datasets: named image roles per item, per-item flips, raw bytes for the cache."""
 
     roles: tuple[str, ...] = ()
 
@@ -387,7 +410,7 @@ class _ImageItems(Dataset):
         return self.item(index, self.flip_for(index))
 
 
-class PairDataset(_ImageItems):
+class PairDataset(ImageItemDataset):
     """Preference pairs as (caption, winner, loser) items; ties dropped unless told otherwise.
 
     Items: {"index", "caption", "flip", "winner", "loser" ((3, H, W) in [-1, 1]), "winner_sha256",
@@ -445,6 +468,11 @@ class PairDataset(_ImageItems):
     def caption(self, index: int) -> str:
         return self.source.captions[self.rows[index][0]]
 
+    def block_ids(self) -> list[int]:
+        """Per item, the storage block (parquet row group) it lives in, for `blockwise_order`."""
+        ids = self.source.block_ids()
+        return [int(ids[row]) for row, _ in self.rows]
+
     def role_bytes(self, index: int) -> dict[str, tuple[bytes, str]]:
         row, win = self.rows[index]
         where = self.source.where(row)
@@ -454,7 +482,7 @@ class PairDataset(_ImageItems):
         }
 
 
-class CaptionedImageFolder(_ImageItems):
+class CaptionedImageFolder(ImageItemDataset):
     """Images with a caption file beside each (a.png + a.txt, searched recursively), for Self-NPO.
 
     Items: {"index", "caption", "flip", "image", "image_sha256", "image_original_size", "image_crop_top_left"}.
@@ -517,6 +545,24 @@ def read_captions(path: str | os.PathLike[str]) -> list[str]:
     if not lines:
         raise InputError(f"{path}: no captions")
     return lines
+
+
+def blockwise_order(block_ids: Sequence[int], seed: int, epoch: int = 0) -> list[int]:
+    """A shuffled order of item indices that visits one storage block at a time (blocks and items within shuffled).
+
+    Parquet is read a row group at a time, so a plain random order reads a whole row group per item:
+    with 100-row groups of 300 KB images that measured 54 ms per pair against 1.4 ms in order
+    (2-core CPU, warm page cache). Use this order as a sampler, or encode once into the cache.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    ids = np.asarray(block_ids)
+    by_block = np.argsort(ids, kind="stable")
+    starts = np.unique(ids[by_block], return_index=True)[1]
+    groups = np.split(by_block, starts[1:])
+    order: list[int] = []
+    for g in rng.permutation(len(groups)):
+        order.extend(rng.permutation(groups[g]).tolist())
+    return order
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +634,7 @@ def _split_batch(out: Mapping[str, torch.Tensor], n: int, what: str) -> list[dic
 
 
 def fill_cache(
-    dataset: _ImageItems,
+    dataset: ImageItemDataset,
     cache: EncodingCache,
     *,
     encode_images: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],

@@ -20,12 +20,11 @@ from typing import Literal
 
 from npo_merge.delta.types import Role
 from npo_merge.errors import InputError
+from npo_merge.training.data import TieWinner
 from npo_merge.training.losses import BetaConvention
 
 ObjectiveName = Literal["dpo", "dpo-npo", "self-npo"]
 DataKind = Literal["pairs", "captions"]
-# How a pair labelled 0.5 is resolved in the data: dropped, or kept with the named image as winner.
-TieWinner = Literal["drop", "jpg_0", "jpg_1"]
 
 
 @dataclass(frozen=True)
