@@ -288,3 +288,13 @@ def test_self_npo_loss_vanishes_for_a_perfect_student_and_has_gradient():
     loss = L.self_npo_loss(wrong, x_s, a_s, target)
     loss.backward()
     assert loss.item() > 1e-3 and wrong.grad.abs().sum() > 0
+
+
+def test_student_input_is_the_teacher_point_diffused_further():
+    a = _sd_alphas()
+    teacher = L.TeacherTarget(x0=torch.zeros(2, 4, 4, 4), x_t=torch.ones(2, 4, 4, 4), t=torch.tensor([0, 239]))
+    x_s, s = L.self_npo_student_input(teacher, a, torch.zeros(2, 4, 4, 4), torch.Generator().manual_seed(0))
+    assert bool((s > teacher.t).all())
+    # with zero noise only the signal scaling sqrt(a_s / a_t) remains
+    expected = (a[s] / a[teacher.t]).sqrt().reshape(2, 1, 1, 1).expand(2, 4, 4, 4)
+    assert torch.allclose(x_s, expected, atol=1e-6)

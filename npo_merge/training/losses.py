@@ -28,7 +28,13 @@ Two objectives live here, each as small functions of tensors (no models, no I/O)
 * **Self-NPO** (arXiv 2505.11777): no preference data. A teacher (EMA of the student) starts from a
   noised real latent at a DDIM timestep, runs a few DDIM steps with anti-guidance, and its final x0
   prediction is the target; the student sees the teacher's end point re-noised to a later timestep
-  and is trained to predict that x0 with a pseudo-Huber loss (c = 0.001).
+  and is trained to predict that x0 with a pseudo-Huber loss (c = 0.001). One training step:
+
+      idx = randint(0, N); t0 = ddim_timesteps(T, N)[idx]; x = add_noise(x0, noise, a[t0])
+      teacher = self_npo_teacher_target(ema_unet_fn, x, idx, cond, uncond, a, w=w)
+      x_s, s = self_npo_student_input(teacher, a, randn_like(x))
+      loss = self_npo_loss(student_fn(x_s, s, cond), x_s, alpha_bar_at(a, s, 4), teacher.x0)
+      ... backward, optimizer step, then EMA-update the teacher (decay 0.999 in the official code)
 
   Guidance form: the official Self-NPO code (like LCM) writes guidance as
   ``out = out_c + w * (out_c - out_u)`` with w = -1 (SD1.5) and w = -5 (SDXL). In diffusers' form
@@ -381,6 +387,22 @@ def sample_student_timesteps(
     u = torch.rand(teacher_t.shape, generator=generator, device="cpu").to(teacher_t.device)
     offset = (u * span).floor().long().clamp(max=(span - 1).long()) + 1
     return teacher_t + offset
+
+
+def self_npo_student_input(
+    teacher: TeacherTarget,
+    alphas_cumprod: torch.Tensor,
+    noise: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's input: the teacher's end point diffused further to a random later timestep s.
+
+    Returns (x_s, s); `noise` is fresh Gaussian noise shaped like the latents.
+    """
+    s = sample_student_timesteps(teacher.t, alphas_cumprod.shape[0], generator)
+    nd = teacher.x_t.dim()
+    a_t, a_s = alpha_bar_at(alphas_cumprod, teacher.t, nd), alpha_bar_at(alphas_cumprod, s, nd)
+    return renoise(teacher.x_t.float(), a_t, a_s, noise.float()), s
 
 
 def pseudo_huber_loss(
