@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from npo_merge.errors import InputError, NpoMergeError
+from npo_merge.errors import FormatError, InputError, NpoMergeError
 from npo_merge.training import data as D
 from npo_merge.training.objectives import get_objective, tie_winner
 
@@ -418,3 +418,9 @@ def test_blockwise_order_keeps_blocks_together_and_shuffles():
         assert sorted(runs) == [0, 1, 2, 5]  # each block visited in one contiguous run
     assert len({tuple(o) for o in orders}) > 6
     assert D.blockwise_order(blocks, seed=1, epoch=2) == D.blockwise_order(blocks, seed=1, epoch=2)
+
+
+def test_corrupt_parquet_is_a_format_error(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(FormatError, match="x.parquet: not a readable parquet file"):
+        D.open_pickapic(tmp_path / "x.parquet")

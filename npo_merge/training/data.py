@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from npo_merge.errors import InputError, NpoMergeError
+from npo_merge.errors import FormatError, InputError, NpoMergeError
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -311,18 +311,18 @@ def open_pickapic(path: str | os.PathLike[str], split: str | None = None) -> Pai
     labels: list[Any] = []
     counts: list[int] = []
     for f in files:
-        if f.suffix == ".arrow":
-            table = _read_arrow(f)
-            names = table.column_names
-        else:
-            names = pa.parquet.read_schema(f).names
-        missing = [c for c in PICKAPIC_COLUMNS if c not in names]
-        if missing:
-            raise InputError(
-                f"{f}: missing column(s) {', '.join(missing)}; Pick-a-Pic data needs {', '.join(PICKAPIC_COLUMNS)}"
-            )
-        if f.suffix != ".arrow":
-            table = pa.parquet.read_table(f, columns=["caption", "label_0"])
+        try:
+            table = _read_arrow(f) if f.suffix == ".arrow" else None
+            names = table.column_names if table is not None else pa.parquet.read_schema(f).names
+            missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+            if missing:
+                raise InputError(
+                    f"{f}: missing column(s) {', '.join(missing)}; Pick-a-Pic data needs {', '.join(PICKAPIC_COLUMNS)}"
+                )
+            if table is None:
+                table = pa.parquet.read_table(f, columns=["caption", "label_0"])
+        except (pa.ArrowException, OSError) as exc:
+            raise FormatError(f"{f}: not a readable {f.suffix[1:]} file ({exc})") from None
         captions.extend("" if c is None else str(c) for c in table.column("caption").to_pylist())
         labels.extend(table.column("label_0").to_pylist())
         counts.append(table.num_rows)
