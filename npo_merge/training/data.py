@@ -383,6 +383,7 @@ class ImageItemDataset(Dataset):
         self.epoch = epoch
 
     def flip_for(self, index: int) -> bool:
+        """Whether item `index` is mirrored this epoch (a pure function of seed, epoch and index)."""
         return self.random_flip and _flip_for(self.seed, self.epoch, index)
 
     def caption(self, index: int) -> str:
@@ -591,12 +592,15 @@ class EncodingCache:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def image_key(self, sha256: str, size: tuple[int, int], flip: bool) -> str:
+        """Key of an image's encoding: its bytes' sha256, the crop size and the flip."""
         return self._key(kind="image", sha256=sha256, size=list(size), flip=bool(flip))
 
     def text_key(self, caption: str) -> str:
+        """Key of a caption's encoding."""
         return self._key(kind="text", caption=caption)
 
     def path(self, key: str) -> Path:
+        """The file of `key`, fanned out over 256 subfolders."""
         return self.root / key[:2] / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:
@@ -716,6 +720,7 @@ class CachedDataset(Dataset):
             raise InputError("the cached data set is empty")
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose flips __getitem__ draws."""
         self.epoch = epoch
 
     def __len__(self) -> int:
