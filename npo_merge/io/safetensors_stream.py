@@ -1,0 +1,353 @@
+"""Streaming safetensors: validate a header without touching tensor data, read one tensor at a time
+through a memory map, and write tensors one at a time into a temporary file renamed into place.
+
+We parse the header ourselves (instead of trusting safetensors.safe_open) so that a damaged or
+hostile file gets a precise one-line error, and so that reading a 7 GB checkpoint keeps only the
+tensor in hand resident: pages are released from this process after each read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Mapping
+
+import torch
+
+from npo_merge.errors import FormatError, InputError
+from npo_merge.io.atomic import AtomicTarget
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):
+        DTYPES[_code] = getattr(torch, _name)
+CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file, and what it is."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: tensors in file order, string metadata, data start."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype ("F16", "BF16"...)."""
+    try:
+        return CODES[dtype]
+    except KeyError:
+        raise InputError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of a safetensors file; no tensor data is read."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        return _parse_header(fh, size, str(path))
+
+
+def _parse_header(fh: BinaryIO, size: int, where: str) -> Header:
+    if size < 8:
+        raise FormatError(f"{where}: not a safetensors file ({size} bytes; the file is empty or truncated)")
+    (length,) = struct.unpack("<Q", fh.read(8))
+    if length > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: header length {length} bytes is not plausible; the file is corrupt or not safetensors")
+    if 8 + length > size:
+        raise FormatError(
+            f"{where}: header length {length} runs past the end of the {size}-byte file; the file is truncated"
+        )
+    raw = fh.read(length)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{where}: header is not valid JSON ({exc}); the file is corrupt or not safetensors") from None
+    if not isinstance(parsed, dict):
+        raise FormatError(f"{where}: header must be a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    data_start = 8 + length
+    data_len = size - data_start
+    infos: list[TensorInfo] = []
+    for name, entry in parsed.items():
+        infos.append(_parse_entry(name, entry, data_start, data_len, where))
+    infos.sort(key=lambda info: (info.start, info.end))
+    position = data_start
+    for info in infos:
+        if info.start < position:
+            raise FormatError(f"{where}: tensor {info.name!r} overlaps the tensor before it; the file is corrupt")
+        if info.start > position:
+            raise FormatError(f"{where}: unindexed bytes before tensor {info.name!r}; the file is corrupt")
+        position = info.end
+    if position != size:
+        raise FormatError(
+            f"{where}: {size - position} bytes after the last tensor are not indexed; the file is corrupt or was appended to"
+        )
+    return Header({info.name: info for info in infos}, dict(metadata), data_start, size)
+
+
+def _parse_entry(name: str, entry: object, data_start: int, data_len: int, where: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: header entry {name!r} is not an object")
+    code = entry.get("dtype")
+    if code not in DTYPES:
+        raise FormatError(f"{where}: tensor {name!r} has unknown dtype {code!r}")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise FormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
+        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end or end > data_len:
+        raise FormatError(
+            f"{where}: tensor {name!r} data_offsets {offsets} lie outside the {data_len}-byte data section; the file is truncated or corrupt"
+        )
+    dtype = DTYPES[code]
+    expected = math.prod(shape) * _itemsize(dtype)
+    if end - begin != expected:
+        raise FormatError(
+            f"{where}: tensor {name!r} is {end - begin} bytes but shape {shape} of {code} needs {expected}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+class SafetensorsReader(Mapping[str, TensorInfo]):
+    """Read-only view of one safetensors file: header on open, tensors on demand.
+
+    `reader[name]` gives the TensorInfo; `reader.tensor(name)` loads that tensor (a fresh CPU tensor
+    owning its memory) and releases the mapped pages, so iterating a whole file keeps one tensor
+    resident at a time. Use as a context manager, or call close().
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            self.header = _parse_header(self._file, os.fstat(self._file.fileno()).st_size, str(self.path))
+            self._map = (
+                mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.header.file_size else None
+            )
+        except BaseException:
+            self._file.close()
+            raise
+
+    # Mapping protocol over tensor infos
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.header.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header.tensors)
+
+    def __len__(self) -> int:
+        return len(self.header.tensors)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def info(self, name: str) -> TensorInfo:
+        """dtype and shape of one tensor, without reading it."""
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise InputError(f"{self.path}: no tensor named {name!r}") from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor (a copy, so the caller may keep or modify it)."""
+        info = self.info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        assert self._map is not None
+        view = memoryview(self._map)[info.start : info.end]
+        try:
+            out = torch.empty(info.shape, dtype=info.dtype)
+            out.view(-1).view(torch.uint8).numpy()[:] = view  # one copy straight from the page cache
+        finally:
+            view.release()
+        self._release(info.start, info.end)
+        return out
+
+    def _release(self, start: int, end: int) -> None:
+        """Drop the mapped pages of [start, end) from this process (they stay in the page cache)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        aligned = start - start % _PAGE
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What will be written under one name: dtype and shape, declared before any data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _header_bytes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    header: dict[str, object] = {}
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InputError(f"metadata {key!r} must be a string (safetensors metadata is strings only)")
+        header["__metadata__"] = {key: metadata[key] for key in sorted(metadata)}
+    offsets: dict[str, tuple[int, int]] = {}
+    position = 0
+    for spec in specs:
+        if spec.name in offsets:
+            raise InputError(f"tensor {spec.name!r} would be written twice")
+        end = position + spec.nbytes
+        header[spec.name] = {"dtype": dtype_code(spec.dtype), "shape": list(spec.shape), "data_offsets": [position, end]}
+        offsets[spec.name] = (position, end)
+        position = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in the order declared up front.
+
+    The header needs every name, dtype and shape before any data, so callers declare `specs` first
+    and then `write()` tensors in that order. Output goes to a temporary file in the destination
+    folder, renamed into place by `close()`/the context manager only if every tensor was written;
+    on any error the temporary file is removed and the destination is untouched. Same inputs give
+    byte-identical files.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self._specs = list(specs)
+        self._next = 0
+        header, _ = _header_bytes(self._specs, metadata or {})
+        self._target = AtomicTarget(self.path)
+        try:
+            self._file = open(self._target.tmp, "wb")
+            self._file.write(header)
+        except BaseException:
+            self._target.discard()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next declared tensor; dtype and shape must match the declaration."""
+        if self._next >= len(self._specs):
+            raise InputError(f"{self.path}: tensor {name!r} was not declared")
+        spec = self._specs[self._next]
+        if name != spec.name:
+            raise InputError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise InputError(
+                f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, declared {spec.dtype} {spec.shape}"
+            )
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._file.write(data.view(-1).view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish: check completeness, flush to disk and rename into place."""
+        if self._next != len(self._specs):
+            missing = self._specs[self._next].name
+            self.abort()
+            raise InputError(f"{self.path}: output incomplete, tensor {missing!r} was never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._target.commit()
+
+    def abort(self) -> None:
+        """Discard everything written; the destination stays as it was."""
+        if not self._file.closed:
+            self._file.close()
+        self._target.discard()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write an in-memory dict of (small) tensors, names sorted for deterministic output."""
+    names = sorted(tensors)
+    specs = [TensorSpec(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+    with SafetensorsWriter(path, specs, metadata) as writer:
+        for name in names:
+            writer.write(name, tensors[name])

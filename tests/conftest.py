@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny checkpoints in every layout, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from npo_merge import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def single_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch -> a tiny single-file (LDM/SGM) checkpoint with text encoders, VAE and extras."""
+    folder = tmp_path_factory.mktemp("single")
+    return {arch: tiny.write_single_file(folder / f"{arch}.safetensors", arch) for arch in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def diffusers_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch -> a tiny diffusers folder written by diffusers/transformers save_pretrained."""
+    folder = tmp_path_factory.mktemp("diffusers")
+    return {arch: tiny.write_diffusers_folder(folder / arch, arch) for arch in ("sd1", "sdxl")}

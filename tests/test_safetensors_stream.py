@@ -1,0 +1,123 @@
+"""Streaming safetensors: round trips with the reference library, determinism, validation errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from npo_merge.errors import FormatError, InputError
+from npo_merge.io.atomic import atomic_output
+from npo_merge.io.safetensors_stream import SafetensorsReader, SafetensorsWriter, TensorSpec, read_header, save_tensors
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "b.weight": torch.randn(3, 4, generator=gen),
+        "a.half": torch.randn(5, generator=gen).half(),
+        "c.bf16": torch.randn(2, 2, generator=gen).bfloat16(),
+        "d.int": torch.arange(6).reshape(2, 3),
+        "e.empty": torch.zeros(0, 3),
+        "f.bool": torch.tensor([True, False]),
+    }
+
+
+def test_our_writer_is_read_by_safetensors_and_is_deterministic(tmp_path: Path) -> None:
+    tensors = _tensors()
+    save_tensors(tmp_path / "one.safetensors", tensors, {"k": "v", "z": "last"})
+    save_tensors(tmp_path / "two.safetensors", dict(reversed(list(tensors.items()))), {"z": "last", "k": "v"})
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "one.safetensors")
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    assert read_header(tmp_path / "one.safetensors").metadata == {"k": "v", "z": "last"}
+
+
+def test_reader_reads_reference_writer_files_one_tensor_at_a_time(tmp_path: Path) -> None:
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    with SafetensorsReader(tmp_path / "ref.safetensors") as reader:
+        assert reader.metadata == {"format": "pt"}
+        assert set(reader) == set(tensors)
+        assert reader["b.weight"].shape == (3, 4) and reader["b.weight"].dtype == torch.float32
+        for name, tensor in tensors.items():
+            out = reader.tensor(name)
+            assert out.dtype == tensor.dtype and torch.equal(out, tensor)
+            out.zero_()  # a private copy: writing it must not touch the file or the map
+        assert torch.equal(reader.tensor("b.weight"), tensors["b.weight"])
+    with pytest.raises(InputError, match="no tensor named 'missing'"):
+        SafetensorsReader(tmp_path / "ref.safetensors").tensor("missing")
+
+
+def test_writer_enforces_declared_order_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"previous contents")
+    specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float16, (3,))]
+    with pytest.raises(InputError, match="declared"):
+        with SafetensorsWriter(target, specs) as writer:
+            writer.write("a", torch.ones(2))
+            writer.write("b", torch.ones(4, dtype=torch.float16))
+    assert target.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]  # no temporary left behind
+    with pytest.raises(InputError, match="never written"):
+        with SafetensorsWriter(target, specs) as writer:
+            writer.write("a", torch.ones(2))
+    assert target.read_bytes() == b"previous contents"
+    with SafetensorsWriter(target, specs, {"m": "1"}) as writer:
+        writer.write("a", torch.ones(2))
+        writer.write("b", torch.ones(3, dtype=torch.float16))
+    assert torch.equal(load_file(target)["b"], torch.ones(3, dtype=torch.float16))
+
+
+def test_atomic_output_interrupted_leaves_destination_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"keep me")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half written")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def _raw_file(path: Path, header: object, data: bytes, length: int | None = None) -> Path:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_FILES = {
+    "zero-byte": (lambda p: _bytes(p, b""), "empty or truncated"),
+    "truncated": (lambda p: _bytes(p, b"\x10\x00\x00"), "empty or truncated"),
+    "header longer than file": (lambda p: _raw_file(p, {}, b"", length=4096), "runs past the end"),
+    "invalid json": (lambda p: _raw_file(p, b"{not json", b""), "not valid JSON"),
+    "unknown dtype": (
+        lambda p: _raw_file(p, {"a": {"dtype": "F7", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype 'F7'"),
+    "out of range": (
+        lambda p: _raw_file(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "outside"),
+    "overlapping": (
+        lambda p: _raw_file(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlaps"),
+    "shape vs bytes": (
+        lambda p: _raw_file(p, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "needs 12"),
+    "huge header": (lambda p: _raw_file(p, {}, b"", length=2**40), "not plausible"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_headers_are_rejected_with_a_clear_message(tmp_path: Path, case: str) -> None:
+    make, message = BAD_FILES[case]
+    path = make(tmp_path / "bad.safetensors")
+    with pytest.raises(FormatError, match=message):
+        read_header(path)
