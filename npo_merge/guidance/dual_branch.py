@@ -1,0 +1,452 @@
+"""Dual-branch layers: one module serves theta_c to the cond half and theta_u to the uncond half of a CFG batch.
+
+A diffusers pipeline doing classifier-free guidance calls the UNet once per step on the batch
+[uncond; cond] (negative/empty prompt first). NPO wants the uncond half computed with
+theta_u = theta_c + eta * delta. The layers here run the base op (theta_c, the original module's own
+weight, never copied) over the whole batch and add the branch difference to the leading
+`n_uncond` rows only:
+
+    y = base(x);  y[:n_uncond] += delta(x[:n_uncond])
+
+`n_uncond` follows from the branch mode and the batch's static shape (no host syncs, no index
+tensors, no data-dependent control flow), so the layers trace under torch.compile(fullgraph=True)
+and replay inside CUDA graphs.
+
+Strategies for the difference (chosen per module, see `dual_branch_module`):
+- "lowrank": shrink (x_u @ down^T) and expand accumulated in place into the output view (addmm_).
+- "dense":   a full-rank difference applied to the uncond half (e.g. beta != 0 without compression).
+- "stacked": linear layers only; weights [W_u; W_c] stacked as (2, out, in), one batched GEMM over
+             the two halves. Same FLOPs as plain CFG but a second copy of the covered weights.
+
+The math lives in the pure functions (`lowrank_linear`, `lowrank_conv2d`, `dense_linear`,
+`dense_conv2d`, `stacked_linear`); the modules only hold tensors and pick `n_uncond`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npo_merge.delta.types import LowRank
+from npo_merge.errors import CompatibilityError, InputError
+
+BranchMode = Literal["cfg", "cond", "uncond"]
+BRANCH_MODES: tuple[BranchMode, ...] = ("cfg", "cond", "uncond")
+
+Strategy = Literal["lowrank", "dense", "stacked"]
+Path = Literal["lowrank", "dense", "stacked"]
+PATHS: tuple[Path, ...] = ("lowrank", "dense", "stacked")
+
+Backend = Literal["torch", "fused"]
+FUSED_OP_NAME = "npo_merge::dual_branch_linear"
+
+
+@dataclass(frozen=True)
+class BranchDelta:
+    """theta_u - theta_c for one module: a low-rank or dense weight difference, optionally a bias difference.
+
+    weight: `LowRank` factors, or a dense tensor of the module's weight shape.
+    bias:   (out,) difference of the bias, or None when the branches share the bias.
+    """
+
+    weight: Union[LowRank, torch.Tensor]
+    bias: torch.Tensor | None = None
+
+    @property
+    def is_lowrank(self) -> bool:
+        return isinstance(self.weight, LowRank)
+
+    def dense_weight(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight difference as a dense tensor of `shape`, expanded in fp32 (fp64 for fp64 factors)."""
+        weight = self.weight
+        if not isinstance(weight, LowRank):
+            return weight.reshape(shape).to(dtype)
+        work = torch.promote_types(weight.down.dtype, torch.float32)
+        up = weight.up.reshape(weight.up.shape[0], weight.rank).to(work)
+        down = weight.down.reshape(weight.rank, -1).to(work)
+        return ((up @ down) * weight.scale).reshape(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: tensors in, tensor out. x is batch-first; its leading `n_uncond` rows get theta_u.
+# ---------------------------------------------------------------------------------------------
+
+
+def uncond_rows(batch: int, mode: BranchMode) -> int:
+    """How many leading rows of a batch of `batch` belong to the uncond branch in `mode`."""
+    if mode == "cfg":
+        if batch % 2:
+            raise InputError(
+                f"branch mode 'cfg' needs a batch of [uncond; cond] halves, got an odd batch of {batch}: "
+                "use set_branch_mode(..., 'cond') when the pipeline runs without classifier-free guidance"
+            )
+        return batch // 2
+    if mode == "uncond":
+        return batch
+    if mode == "cond":
+        return 0
+    raise InputError(f"unknown branch mode {mode!r}: use one of {', '.join(BRANCH_MODES)}")
+
+
+def _accumulate_rows(y: torch.Tensor, update_in: torch.Tensor, factor: torch.Tensor, alpha: float) -> None:
+    """y[:n] += alpha * update_in @ factor^T, in place; update_in is (n, ..., k), factor (out, k)."""
+    n = update_in.shape[0]
+    y_u = y[:n]
+    if y_u.is_contiguous():
+        # cuBLAS accumulates into the output view (beta = 1): no extra pass over y.
+        y_u.view(-1, y.shape[-1]).addmm_(update_in.reshape(-1, update_in.shape[-1]), factor.t(), alpha=alpha)
+    else:
+        y_u.add_(update_in @ factor.t(), alpha=alpha)
+
+
+def lowrank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    n_uncond: int,
+) -> torch.Tensor:
+    """x W^T + b for every row, plus scale * (x down^T) up^T on the leading n_uncond rows of dim 0.
+
+    x (..., in), weight (out, in), down (r, in), up (out, r). This is also the reference semantics of
+    the fused op `torch.ops.npo_merge.dual_branch_linear` (same arguments, same order).
+    """
+    y = F.linear(x, weight, bias)
+    if n_uncond > 0:
+        _accumulate_rows(y, F.linear(x[:n_uncond], down), up, scale)
+    return y
+
+
+def dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, diff: torch.Tensor, n_uncond: int
+) -> torch.Tensor:
+    """x W^T + b for every row, plus x diff^T on the leading n_uncond rows (diff: (out, in), pre-scaled)."""
+    y = F.linear(x, weight, bias)
+    if n_uncond > 0:
+        _accumulate_rows(y, x[:n_uncond], diff, 1.0)
+    return y
+
+
+def stacked_linear(x: torch.Tensor, stacked_weight: torch.Tensor, stacked_bias: torch.Tensor | None) -> torch.Tensor:
+    """[uncond; cond] halves of x through W_u and W_c in ONE batched GEMM.
+
+    x (2n, ..., in) with an even leading dim; stacked_weight (2, out, in) = [W_u; W_c];
+    stacked_bias (2, out) or None.
+    """
+    out_features, in_features = stacked_weight.shape[1], stacked_weight.shape[2]
+    halves = x.reshape(2, -1, in_features)
+    if stacked_bias is None:
+        y = torch.bmm(halves, stacked_weight.transpose(1, 2))
+    else:
+        y = torch.baddbmm(stacked_bias.unsqueeze(1), halves, stacked_weight.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def lowrank_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    n_uncond: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] | str = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """conv(x, W) for every row, plus scale * conv(conv(x, down), up) on the leading n_uncond rows.
+
+    down (r, in, kh, kw) uses the layer's stride/padding/dilation; up (out, r, 1, 1) is a 1x1 conv.
+    Ungrouped convolutions only (every conv of SD1.x/SD2/SDXL UNets).
+    """
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if n_uncond > 0:
+        shrunk = F.conv2d(x[:n_uncond], down, None, stride, padding, dilation)
+        y[:n_uncond].add_(F.conv2d(shrunk, up), alpha=scale)
+    return y
+
+
+def dense_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    diff: torch.Tensor,
+    n_uncond: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] | str = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """conv(x, W) for every row, plus conv(x, diff) on the leading n_uncond rows (diff pre-scaled)."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if n_uncond > 0:
+        y[:n_uncond].add_(F.conv2d(x[:n_uncond], diff, None, stride, padding, dilation, groups))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused-kernel hook (issue 5): a CUDA op with the signature of `lowrank_linear`.
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_op_available() -> bool:
+    """Whether `torch.ops.npo_merge.dual_branch_linear` is registered (the kernels package provides it)."""
+    try:
+        torch.ops.npo_merge.dual_branch_linear  # noqa: B018 - attribute lookup is the test
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    n_uncond: int,
+) -> torch.Tensor:
+    """The fused op's entry point, the one place the dual-branch layers name it (`lowrank_linear` semantics)."""
+    return torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, scale, n_uncond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class DualBranchLayer(nn.Module):
+    """What both dual-branch layers share: the original module, the branch mode, the strategy."""
+
+    strategy: Strategy
+
+    def __init__(self, original: nn.Module, mode: BranchMode) -> None:
+        super().__init__()
+        # The original module is kept unregistered: it is what disable_npo puts back, and its
+        # Parameters are the very objects registered below (shared, never copied).
+        object.__setattr__(self, "original", original)
+        self.weight = original.weight
+        self.register_parameter("bias", original.bias)
+        self.mode: BranchMode = "cfg"
+        self.set_mode(mode)
+
+    def set_mode(self, mode: BranchMode) -> None:
+        """Choose which branch the batch rows get: 'cfg' ([uncond; cond]), 'cond' (theta_c), 'uncond' (theta_u)."""
+        if mode not in BRANCH_MODES:
+            raise InputError(f"unknown branch mode {mode!r}: use one of {', '.join(BRANCH_MODES)}")
+        self.mode = mode
+
+    def release(self) -> nn.Module:
+        """Undo what construction did to the shared weight and hand back the original module."""
+        return self.original
+
+    def extra_bytes(self) -> int:
+        """Bytes held for the branch difference (buffers this module adds on top of the original)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy}, mode={self.mode}"
+
+
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision layers (sums in fp32, cast on store), the layer's dtype otherwise."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _bias_buffer(delta: BranchDelta, eta: float, like: torch.Tensor) -> torch.Tensor | None:
+    if delta.bias is None:
+        return None
+    return (delta.bias.to(_work_dtype(like)) * eta).to(dtype=like.dtype, device=like.device)
+
+
+class DualBranchLinear(DualBranchLayer):
+    """nn.Linear serving [uncond; cond]: the original weight for all rows, plus theta_u - theta_c on the uncond rows."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        delta: BranchDelta,
+        eta: float = 1.0,
+        *,
+        strategy: Strategy = "lowrank",
+        mode: BranchMode = "cfg",
+    ) -> None:
+        super().__init__(linear, mode)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.strategy = strategy
+        self.backend: Backend = "torch"
+        weight = linear.weight
+        like = {"dtype": weight.dtype, "device": weight.device}
+        self.scale = 0.0
+        self.register_buffer("down", None, persistent=False)
+        self.register_buffer("up", None, persistent=False)
+        self.register_buffer("diff", None, persistent=False)
+        self.register_buffer("stacked_weight", None, persistent=False)
+        self.register_buffer("stacked_bias", None, persistent=False)
+        self.register_buffer("bias_diff", _bias_buffer(delta, eta, weight), persistent=False)
+        if strategy == "lowrank":
+            if not isinstance(delta.weight, LowRank):
+                raise InputError("strategy 'lowrank' needs LowRank factors; use 'dense' for a dense difference")
+            self.down = delta.weight.down.reshape(delta.weight.rank, -1).to(**like)
+            self.up = delta.weight.up.reshape(-1, delta.weight.rank).to(**like)
+            self.scale = delta.weight.scale * float(eta)
+        elif strategy == "dense":
+            self.diff = (delta.dense_weight(weight.shape, _work_dtype(weight)) * eta).to(**like)
+        elif strategy == "stacked":
+            theta_u = weight.detach().to(_work_dtype(weight)) + delta.dense_weight(weight.shape, _work_dtype(weight)) * eta
+            stacked = torch.stack([theta_u.to(weight.dtype), weight.detach()])
+            self.stacked_weight = stacked
+            # theta_c lives in the stack: point the shared Parameter at it so W is stored once.
+            weight.data = stacked[1]
+            if linear.bias is not None or delta.bias is not None:
+                bias_c = linear.bias.detach() if linear.bias is not None else torch.zeros_like(weight[:, 0])
+                bias_u = bias_c + self.bias_diff if self.bias_diff is not None else bias_c
+                self.stacked_bias = torch.stack([bias_u, bias_c])
+        else:
+            raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
+
+    def set_backend(self, backend: Backend) -> None:
+        """Pick the implementation of the 'lowrank' strategy: 'torch' or the registered 'fused' op."""
+        if backend == "fused" and not fused_op_available():
+            raise InputError(f"backend 'fused' needs the {FUSED_OP_NAME} op: import npo_merge.guidance.kernels first")
+        if backend not in ("torch", "fused"):
+            raise InputError(f"unknown backend {backend!r}: use 'torch' or 'fused'")
+        self.backend = backend
+
+    def release(self) -> nn.Module:
+        if self.strategy == "stacked":
+            # Give the Parameter its own storage again so the stack can be freed.
+            self.weight.data = self.weight.data.clone()
+        return self.original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_uncond = uncond_rows(x.shape[0], self.mode)
+        if self.strategy == "stacked" and n_uncond not in (0, x.shape[0]):
+            return stacked_linear(x, self.stacked_weight, self.stacked_bias)
+        if self.strategy == "stacked":
+            half = 0 if n_uncond else 1
+            bias = self.stacked_bias[half] if self.stacked_bias is not None else None
+            return F.linear(x, self.stacked_weight[half], bias)
+        if self.strategy == "dense":
+            y = dense_linear(x, self.weight, self.bias, self.diff, n_uncond)
+        elif self.backend == "fused":
+            y = fused_linear(x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond)
+        else:
+            y = lowrank_linear(x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond)
+        if self.bias_diff is not None and n_uncond > 0:
+            y[:n_uncond].add_(self.bias_diff)
+        return y
+
+
+class DualBranchConv2d(DualBranchLayer):
+    """nn.Conv2d serving [uncond; cond]: the original kernel for all rows, plus theta_u - theta_c on the uncond rows.
+
+    The 'stacked' path does not apply to convolutions: a conv asked for it uses its low-rank
+    (or dense) difference instead.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        delta: BranchDelta,
+        eta: float = 1.0,
+        *,
+        strategy: Strategy = "lowrank",
+        mode: BranchMode = "cfg",
+    ) -> None:
+        super().__init__(conv, mode)
+        if conv.padding_mode != "zeros":
+            raise CompatibilityError(f"dual-branch conv supports padding_mode 'zeros' only, got {conv.padding_mode!r}")
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(conv, name))
+        weight = conv.weight
+        like = {"dtype": weight.dtype, "device": weight.device}
+        self.scale = 0.0
+        self.register_buffer("down", None, persistent=False)
+        self.register_buffer("up", None, persistent=False)
+        self.register_buffer("diff", None, persistent=False)
+        self.register_buffer("bias_diff", _bias_buffer(delta, eta, weight), persistent=False)
+        if strategy == "stacked":
+            strategy = "lowrank" if isinstance(delta.weight, LowRank) and conv.groups == 1 else "dense"
+        if strategy == "lowrank" and (not isinstance(delta.weight, LowRank) or conv.groups != 1):
+            raise InputError("strategy 'lowrank' needs LowRank factors and an ungrouped conv; use 'dense'")
+        self.strategy = strategy
+        if strategy == "lowrank":
+            rank = delta.weight.rank
+            self.down = delta.weight.down.reshape(rank, *weight.shape[1:]).to(**like)
+            self.up = delta.weight.up.reshape(-1, rank, 1, 1).to(**like)
+            self.scale = delta.weight.scale * float(eta)
+        elif strategy == "dense":
+            self.diff = (delta.dense_weight(weight.shape, _work_dtype(weight)) * eta).to(**like)
+        else:
+            raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_uncond = uncond_rows(x.shape[0], self.mode)
+        if self.strategy == "lowrank":
+            y = lowrank_conv2d(
+                x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond, self.stride, self.padding, self.dilation
+            )
+        else:
+            y = dense_conv2d(
+                x, self.weight, self.bias, self.diff, n_uncond, self.stride, self.padding, self.dilation, self.groups
+            )
+        if self.bias_diff is not None and n_uncond > 0:
+            y[:n_uncond].add_(self.bias_diff.view(-1, 1, 1))
+        return y
+
+
+def delta_problem(module: nn.Module, delta: BranchDelta) -> str | None:
+    """Why `delta` cannot serve as theta_u - theta_c of `module`, or None when it fits."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"is a {type(module).__name__}, not a Linear or Conv2d layer"
+    shape = tuple(module.weight.shape)
+    if isinstance(delta.weight, LowRank):
+        got = delta.weight.weight_shape
+        if _squeeze_1x1(got) != _squeeze_1x1(shape):
+            return f"low-rank delta expands to {got}, the layer's weight is {shape}"
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"low-rank delta on a grouped conv (groups={module.groups}) is not supported"
+    else:
+        got = tuple(delta.weight.shape)
+        if _squeeze_1x1(got) != _squeeze_1x1(shape):
+            return f"dense delta has shape {got}, the layer's weight is {shape}"
+    if delta.bias is not None:
+        if module.bias is None and tuple(delta.bias.shape) != (shape[0],):
+            return f"bias delta has shape {tuple(delta.bias.shape)}, expected ({shape[0]},)"
+        if module.bias is not None and tuple(delta.bias.shape) != tuple(module.bias.shape):
+            return f"bias delta has shape {tuple(delta.bias.shape)}, the layer's bias is {tuple(module.bias.shape)}"
+    return None
+
+
+def _squeeze_1x1(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(out, in, 1, 1) -> (out, in): a 1x1 conv and a linear layer hold the same matrix."""
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
+def dual_branch_module(
+    module: nn.Module, delta: BranchDelta, eta: float = 1.0, *, path: Path = "lowrank", mode: BranchMode = "cfg"
+) -> DualBranchLinear | DualBranchConv2d:
+    """Wrap a Linear/Conv2d layer so it serves both CFG branches; `path` picks the strategy.
+
+    path "lowrank": low-rank deltas as shrink/expand, dense deltas as a dense update (the default).
+    path "dense":   every delta applied as a dense update (low-rank factors expanded once).
+    path "stacked": linear layers hold [W_u; W_c] and run one bmm; convs fall back to "lowrank".
+    """
+    problem = delta_problem(module, delta)
+    if problem is not None:
+        raise CompatibilityError(f"cannot serve this delta: the module {problem}")
+    if path not in PATHS:
+        raise InputError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
+    strategy: Strategy = path if (path != "lowrank" or delta.is_lowrank) else "dense"
+    if isinstance(module, nn.Linear):
+        return DualBranchLinear(module, delta, eta, strategy=strategy, mode=mode)
+    return DualBranchConv2d(module, delta, eta, strategy=strategy, mode=mode)

@@ -1,0 +1,189 @@
+"""Dual-branch layers against hand-built theta_u layers: every strategy, mode and layer kind, float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from npo_merge.delta.types import LowRank
+from npo_merge.errors import CompatibilityError, InputError
+from npo_merge.guidance import dual_branch
+from npo_merge.guidance.dual_branch import (
+    BranchDelta,
+    DualBranchConv2d,
+    DualBranchLinear,
+    delta_problem,
+    dual_branch_module,
+    lowrank_linear,
+    stacked_linear,
+    uncond_rows,
+)
+
+DT = torch.float64
+
+
+def _layer(kind: str, bias: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """A layer of `kind` and an input batch of 4 rows for it."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "linear2d":
+        layer, x = nn.Linear(6, 5, bias=bias), torch.randn(4, 6, generator=gen)
+    elif kind == "linear3d":
+        layer, x = nn.Linear(6, 5, bias=bias), torch.randn(4, 3, 6, generator=gen)
+    elif kind == "conv3x3":
+        layer, x = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=bias), torch.randn(4, 3, 7, 7, generator=gen)
+    else:
+        layer, x = nn.Conv2d(3, 5, 1, bias=bias), torch.randn(4, 3, 4, 4, generator=gen)
+    return layer.to(DT), x.to(DT)
+
+
+def _lora(layer: nn.Module, rank: int = 2) -> LowRank:
+    gen = torch.Generator().manual_seed(1)
+    w = layer.weight
+    down = torch.randn(rank, *w.shape[1:], generator=gen, dtype=DT)
+    up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=gen, dtype=DT)
+    return LowRank(down=down, up=up, alpha=3.0)
+
+
+def _by_hand(layer: nn.Module, delta: BranchDelta, eta: float, x: torch.Tensor, n_uncond: int) -> torch.Tensor:
+    """Rows [:n_uncond] through a copy of the layer holding theta_u, the rest through the layer itself."""
+    theta_u = copy.deepcopy(layer)
+    theta_u.weight.data += eta * delta.dense_weight(layer.weight.shape, DT)
+    if delta.bias is not None:
+        theta_u.bias = nn.Parameter((theta_u.bias.data if theta_u.bias is not None else 0) + eta * delta.bias)
+    return torch.cat([theta_u(x[:n_uncond]), layer(x[n_uncond:])])
+
+
+@pytest.mark.parametrize("kind", ["linear2d", "linear3d", "conv3x3", "conv1x1"])
+@pytest.mark.parametrize("path", ["lowrank", "dense", "stacked"])
+@pytest.mark.parametrize("mode", ["cfg", "cond", "uncond"])
+@pytest.mark.parametrize("with_bias_delta", [False, True])
+def test_layer_matches_hand_built_branches(kind, path, mode, with_bias_delta):
+    layer, x = _layer(kind)
+    bias_delta = torch.randn(5, generator=torch.Generator().manual_seed(2), dtype=DT) if with_bias_delta else None
+    delta = BranchDelta(_lora(layer), bias_delta)
+    expected = _by_hand(layer, delta, 0.7, x, uncond_rows(x.shape[0], mode))
+    wrapped = dual_branch_module(copy.deepcopy(layer), delta, 0.7, path=path, mode=mode)
+    with torch.no_grad():
+        got = wrapped(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_difference_on_layer_without_bias():
+    layer, x = _layer("linear3d", bias=False)
+    delta = BranchDelta(torch.randn(5, 6, dtype=DT), torch.randn(5, dtype=DT))
+    wrapped = dual_branch_module(copy.deepcopy(layer), delta, 1.0)
+    assert wrapped.strategy == "dense"
+    torch.testing.assert_close(wrapped(x), _by_hand(layer, delta, 1.0, x, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_cond_half_is_the_untouched_base_output():
+    layer, x = _layer("linear3d")
+    base = layer(x)
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    y = wrapped(x)
+    assert torch.equal(y[2:], base[2:])
+    assert (y[:2] - base[:2]).abs().max() > 0.1
+
+
+def test_eta_scales_the_difference():
+    layer, x = _layer("conv3x3")
+    delta = BranchDelta(_lora(layer))
+    base = layer(x)
+    one = dual_branch_module(copy.deepcopy(layer), delta, 1.0)(x)
+    two = dual_branch_module(copy.deepcopy(layer), delta, 2.0)(x)
+    zero = dual_branch_module(copy.deepcopy(layer), delta, 0.0)(x)
+    torch.testing.assert_close(two - base, 2 * (one - base))
+    assert torch.equal(zero, base)
+
+
+def test_cfg_mode_refuses_odd_batch():
+    layer, x = _layer("linear2d")
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    with pytest.raises(InputError, match="odd batch of 3.*'cond'"):
+        wrapped(x[:3])
+
+
+def test_weights_are_shared_not_copied():
+    linear, _ = _layer("linear3d")
+    conv, _ = _layer("conv3x3")
+    for layer, cls in ((linear, DualBranchLinear), (conv, DualBranchConv2d)):
+        wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+        assert isinstance(wrapped, cls)
+        assert wrapped.weight is layer.weight and wrapped.bias is layer.bias
+        assert wrapped.original is layer
+        assert set(wrapped.state_dict()) == {"weight", "bias"}  # buffers are not persistent
+        assert wrapped.extra_bytes() == (wrapped.down.numel() + wrapped.up.numel()) * 8
+
+
+def test_stacked_stores_theta_c_once_and_release_gives_it_back():
+    layer, x = _layer("linear3d")
+    before = layer.weight.detach().clone()
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0, path="stacked")
+    stack = wrapped.stacked_weight
+    assert layer.weight.data_ptr() == stack[1].data_ptr()  # W_c lives inside the stack
+    assert torch.equal(stack[1], before)
+    original = wrapped.release()
+    assert original is layer
+    assert layer.weight.untyped_storage().data_ptr() != stack.untyped_storage().data_ptr()
+    assert torch.equal(layer.weight, before)
+
+
+def test_buffers_follow_module_dtype():
+    layer, x = _layer("linear3d")
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0).to(torch.float32)
+    assert wrapped.down.dtype == wrapped.up.dtype == wrapped.weight.dtype == torch.float32
+    assert wrapped(x.float()).dtype == torch.float32
+
+
+def test_linear_and_1x1_conv_accept_each_others_factor_shapes():
+    linear, x = _layer("linear2d")
+    conv_shaped = LowRank(down=torch.randn(2, 6, 1, 1, dtype=DT), up=torch.randn(5, 2, 1, 1, dtype=DT), alpha=2.0)
+    assert delta_problem(linear, BranchDelta(conv_shaped)) is None
+    flat = LowRank(down=conv_shaped.down.reshape(2, 6), up=conv_shaped.up.reshape(5, 2), alpha=2.0)
+    y = dual_branch_module(copy.deepcopy(linear), BranchDelta(conv_shaped), 1.0)(x)
+    torch.testing.assert_close(y, dual_branch_module(linear, BranchDelta(flat), 1.0)(x))
+
+
+def test_delta_problem_names_what_is_wrong():
+    linear, _ = _layer("linear2d")
+    assert "expands to (5, 7)" in delta_problem(linear, BranchDelta(LowRank(torch.zeros(2, 7), torch.zeros(5, 2), 1.0)))
+    assert "dense delta has shape (4, 6)" in delta_problem(linear, BranchDelta(torch.zeros(4, 6)))
+    assert "bias delta" in delta_problem(linear, BranchDelta(torch.zeros(5, 6), torch.zeros(4)))
+    assert "LayerNorm" in delta_problem(nn.LayerNorm(6), BranchDelta(torch.zeros(6)))
+    with pytest.raises(CompatibilityError, match="expands to"):
+        dual_branch_module(linear, BranchDelta(LowRank(torch.zeros(2, 7), torch.zeros(5, 2), 1.0)))
+
+
+def test_pure_functions_on_hand_checkable_numbers():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weight = torch.eye(2)
+    down, up = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0], [0.0]])
+    # uncond row 0 gets + scale * (x0 . [1, 1]) * [1, 0] = [2, 0]; cond row 1 is plain.
+    assert torch.equal(lowrank_linear(x, weight, None, down, up, 2.0, 1), torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    stacked = torch.stack([2 * torch.eye(2), torch.eye(2)])
+    assert torch.equal(stacked_linear(x, stacked, torch.tensor([[1.0, 1.0], [0.0, 0.0]])), torch.tensor([[3.0, 1.0], [0.0, 1.0]]))
+    assert [uncond_rows(4, m) for m in ("cfg", "cond", "uncond")] == [2, 0, 4]
+
+
+def test_fused_backend_dispatches_to_the_op(monkeypatch):
+    layer, x = _layer("linear3d")
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    with pytest.raises(InputError, match="dual_branch_linear"):
+        wrapped.set_backend("fused")  # no op registered in this process
+    calls = []
+
+    def fake_op(x, weight, bias, down, up, scale, n_uncond):
+        calls.append(n_uncond)
+        return lowrank_linear(x, weight, bias, down, up, scale, n_uncond)
+
+    monkeypatch.setattr(dual_branch, "fused_linear", fake_op)
+    monkeypatch.setattr(dual_branch, "fused_op_available", lambda: True)
+    expected = wrapped(x)
+    wrapped.set_backend("fused")
+    torch.testing.assert_close(wrapped(x), expected)
+    wrapped.set_mode("uncond")
+    wrapped(x)
+    assert calls == [2, 4]
