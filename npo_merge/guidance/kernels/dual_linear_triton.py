@@ -31,8 +31,10 @@ ShrinkMode = Literal["auto", "fused", "separate"]
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # UPCAST only under the CPU interpreter, whose tl.dot multiplies bf16 bit patterns as integers.
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -79,6 +81,17 @@ def _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R, stride_xk, stride
     return acc, s
 
 
+@triton.jit
+def _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, stride_un, stride_ur,
+            DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # acc += scale * s B^T on uncond rows: cond rows of a straddling tile get nothing, and padded
+    # rank columns of s meet zero rows of the up tile.
+    s = tl.where(offs_m[:, None] < n_uncond, s * scale, 0.0)
+    up_t = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+                   mask=offs_r[:, None] < R, other=0.0)
+    return _mma(s.to(up_t.dtype), up_t, acc, DOT_PRECISION, UPCAST)
+
+
 @triton.jit(do_not_specialize=["n_uncond"])
 def _dual_linear_kernel(
     x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, s_ptr, out_ptr,
@@ -109,26 +122,28 @@ def _dual_linear_kernel(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # a (BLOCK_K, BLOCK_N) tile of W^T
 
-    if pid_m * BLOCK_M < n_uncond:
-        if FUSED_SHRINK:
+    # Each main loop appears once per compiled variant: loops in both arms of a branch would each
+    # get their own pipeline buffers in shared memory.
+    has_uncond = pid_m * BLOCK_M < n_uncond
+    if FUSED_SHRINK:
+        if has_uncond:
             d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
             acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
                                   stride_xk, stride_wk, stride_dk,
                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
+            acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, stride_un, stride_ur,
+                          DOT_PRECISION, UPCAST)
         else:
             acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
                               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
-            s_mask = (offs_m[:, None] < n_uncond) & (offs_r[None, :] < R)
-            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
-            s = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
-        # Expand: cond rows of a straddling tile get nothing; padded rank columns meet zero rows of up.
-        s = tl.where(offs_m[:, None] < n_uncond, s * scale, 0.0)
-        up_t = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-                       mask=offs_r[:, None] < R, other=0.0)
-        acc = _mma(s.to(up_t.dtype), up_t, acc, DOT_PRECISION, UPCAST)
     else:
         acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+        if has_uncond:
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+            s = tl.load(s_ptrs, mask=(offs_m[:, None] < n_uncond) & (offs_r[None, :] < R), other=0.0)
+            acc = _expand(acc, s.to(tl.float32), up_ptr, offs_m, offs_r, cols, R, n_uncond, scale,
+                          stride_un, stride_ur, DOT_PRECISION, UPCAST)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -162,7 +177,7 @@ def pick_config(m: int, n: int, k: int, rank: int, element_size: int = 2) -> Ker
     """Hand-picked tiles per size class (no autotuning: it syncs, so it cannot run under graph capture)."""
     block_r = rank_block(rank)
     block_n = 128 if n % 128 == 0 or n > 1024 else 64
-    block_m = 64 if m <= 512 else 128
+    block_m = 16 if m <= 16 else 64 if m <= 512 else 128
     block_k = 64 if k % 64 == 0 or k > 256 else 32
     # Shared memory per pipeline stage: the x, W and (fused) down tiles.
     stage_bytes = element_size * block_k * (block_m + block_n + block_r)

@@ -22,6 +22,7 @@ __all__ = ["available", "dual_branch_linear", "dual_branch_conv1x1"]
 
 
 _INT32_LIMIT = 2**31  # the kernel's offsets are 32-bit; larger tensors take the torch path
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the torch path
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,7 +69,8 @@ def _dual_branch_linear_cuda(
 ) -> torch.Tensor:
     check_dual_linear_args(x, weight, bias, down, up, n_uncond)
     rows = x.numel() // max(weight.shape[1], 1)
-    if not _triton_imports() or max(x.numel(), rows * weight.shape[0]) >= _INT32_LIMIT:
+    too_large = max(x.numel(), rows * weight.shape[0]) >= _INT32_LIMIT
+    if x.dtype not in _KERNEL_DTYPES or too_large or not _triton_imports():
         return dual_branch_linear_unfused(x, weight, bias, down, up, scale, n_uncond)
     from npo_merge.guidance.kernels.dual_linear_triton import dual_branch_linear_triton
 
