@@ -214,7 +214,9 @@ def _precompile(jobs: list[tuple], workers: int) -> float:
     if workers > 1 and jobs:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            list(pool.map(_precompile_job, jobs))
+            for done in pool.map(_precompile_job, jobs):
+                if ":" in done:
+                    print(f"precompile failed: {done}", flush=True)
     return time.perf_counter() - started
 
 
