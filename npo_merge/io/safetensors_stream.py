@@ -44,6 +44,7 @@ CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 _PAGE = mmap.ALLOCATIONGRANULARITY
+_COPY_SLICE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -210,13 +211,19 @@ class SafetensorsReader(Mapping[str, TensorInfo]):
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         assert self._map is not None
-        view = memoryview(self._map)[info.start : info.end]
-        try:
-            out = torch.empty(info.shape, dtype=info.dtype)
-            out.view(-1).view(torch.uint8).numpy()[:] = view  # one copy straight from the page cache
-        finally:
-            view.release()
-        self._release(info.start, info.end)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        target = out.view(-1).view(torch.uint8).numpy()
+        # Copy in slices and release each slice's mapped pages right away, so the peak is the
+        # tensor itself plus one slice, not the tensor twice.
+        for offset in range(0, info.nbytes, _COPY_SLICE):
+            start = info.start + offset
+            stop = min(start + _COPY_SLICE, info.end)
+            view = memoryview(self._map)[start:stop]
+            try:
+                target[offset : offset + (stop - start)] = view
+            finally:
+                view.release()
+            self._release(start, stop)
         return out
 
     def _release(self, start: int, end: int) -> None:
