@@ -167,6 +167,13 @@ def test_randomized_is_seeded_and_leaves_the_global_rng_alone() -> None:
     assert torch.equal(a.up, b.up) and torch.equal(a.down, b.down)
 
 
+def test_device_argument_computes_there_and_returns_on_the_input_device() -> None:
+    delta = with_spectrum(30, 20, [3.0, 2.0, 1.0]).float()
+    lowrank, fid = factorize(delta, rank=2, device="cpu")
+    assert lowrank.up.device == delta.device and fid.rank == 2
+    assert fid.rel_error == pytest.approx(1.0 / math.sqrt(14.0), rel=1e-4)
+
+
 def test_bad_arguments_are_refused() -> None:
     delta = torch.randn(8, 6)
     with pytest.raises(ValueError, match="exactly one of rank"):
