@@ -190,16 +190,21 @@ def format_report(report: dict[str, Any]) -> str:
         sample = report["mapped_modules"][:3]
         row("maps to", ", ".join(sample) + (" ..." if report["modules"] > 3 else ""))
     for key, value in report.get("delta", {}).items():
-        row("delta", f"{key} = {value}")
+        row("delta", f"{key} = {_short(value)}")
     metadata = report.get("metadata") or {}
     if metadata:
         lines.append("  metadata")
         for key in sorted(metadata):
-            value = metadata[key]
-            shown = value if len(value) <= 80 else value[:77].replace("\n", " ") + "..."
+            shown = _short(metadata[key])
             meaning = explain_metadata_key(key)
             lines.append(f"    {key} = {shown}" + (f"    # {meaning}" if meaning else ""))
     return "\n".join(lines)
+
+
+def _short(value: str, width: int = 80) -> str:
+    """One line of at most `width` characters (long JSON metadata stays readable; --json has it whole)."""
+    value = value.replace("\n", " ")
+    return value if len(value) <= width else value[: width - 3] + "..."
 
 
 def report_json(report: dict[str, Any]) -> str:

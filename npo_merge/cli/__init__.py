@@ -15,6 +15,10 @@ from npo_merge.errors import NpoMergeError
 # parser sets `func` to a callable taking the parsed args and returning an exit code.
 COMMAND_MODULES = [
     "npo_merge.cli.inspect_cmd",
+    "npo_merge.cli.extract_cmd",
+    "npo_merge.cli.combine_cmd",
+    "npo_merge.cli.apply_cmd",
+    "npo_merge.cli.convert_cmd",
 ]
 
 

@@ -7,7 +7,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from npo_merge.errors import InputError
 
 
 class AtomicTarget:
@@ -36,6 +38,7 @@ class AtomicTarget:
             raise RuntimeError(f"{self.final}: already committed or discarded")
         self._done = True
         if self.tmp.is_dir():
+            os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; an output folder should not be
             if self.final.is_dir():
                 old = self.final.with_name(f".{self.final.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -69,3 +72,17 @@ def atomic_output(final: str | os.PathLike[str], *, directory: bool = False) -> 
         target.discard()
         raise
     target.commit()
+
+
+def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path]) -> None:
+    """Refuse an output that would overwrite or sit inside one of the inputs (checked before any work)."""
+    out = Path(out)
+    resolved = out.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if resolved == source or (source.is_dir() and source in resolved.parents) or (
+            out.exists() and source.exists() and os.path.samefile(out, source)
+        ):
+            raise InputError(f"output {out} would overwrite or sit inside input {path}; choose another --out")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: output folder does not exist")

@@ -297,7 +297,9 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
-        header, _ = _header_bytes(self._specs, metadata or {})
+        self._metadata = dict(metadata or {})
+        header, _ = _header_bytes(self._specs, self._metadata)
+        self._header = header
         self._target = AtomicTarget(self.path)
         try:
             self._file = open(self._target.tmp, "wb")
@@ -319,8 +321,31 @@ class SafetensorsWriter:
             )
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._file.write(data.view(-1).view(torch.uint8).numpy().tobytes())
+            self._file.write(data.view(-1).view(torch.uint8).numpy().data)  # no intermediate copy
         self._next += 1
+
+    def patch_metadata(self, key: str, value: str) -> None:
+        """Replace a metadata value written in the header by one of the same length.
+
+        For values known only at the end (e.g. sha256 digests computed while streaming): write a
+        placeholder of the final length up front, patch it before close().
+        """
+        old = self._metadata.get(key)
+        if old is None or len(json.dumps(old)) != len(json.dumps(value)):
+            raise ValueError(f"metadata {key!r}: the patch must replace an existing value of the same length")
+        needle = json.dumps(key).encode() + b":" + json.dumps(old, ensure_ascii=False).encode()
+        position = self._header.find(needle)
+        if position < 0:
+            raise ValueError(f"metadata {key!r} not found in the header")
+        replacement = json.dumps(key).encode() + b":" + json.dumps(value, ensure_ascii=False).encode()
+        if len(replacement) != len(needle):
+            raise ValueError(f"metadata {key!r}: the patch changes the header length")
+        self._header = self._header[:position] + replacement + self._header[position + len(needle):]
+        self._metadata[key] = value
+        self._file.flush()
+        self._file.seek(position)
+        self._file.write(replacement)
+        self._file.seek(0, os.SEEK_END)
 
     def close(self) -> None:
         """Finish: check completeness, flush to disk and rename into place."""
@@ -340,6 +365,61 @@ class SafetensorsWriter:
         self._target.discard()
 
     def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SpooledWriter:
+    """Write tensors in any order when their number or shapes are not known up front.
+
+    Tensors are appended to a temporary spool in the destination folder; `close()` writes the
+    final file with names sorted (deterministic) and renames it into place. Costs one extra pass
+    over the data, so it is meant for outputs like LoRA files, not for whole checkpoints.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._spool_target = AtomicTarget(self.path.with_name(self.path.name + ".spool"))
+        self._spool = open(self._spool_target.tmp, "w+b")
+        self._entries: dict[str, tuple[TensorSpec, int]] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise InputError(f"{self.path}: tensor {name!r} written twice")
+        data = tensor.detach().to("cpu").contiguous()
+        self._entries[name] = (TensorSpec(name, data.dtype, tuple(data.shape)), self._spool.tell())
+        if data.numel():
+            self._spool.write(data.view(-1).view(torch.uint8).numpy().data)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def close(self) -> None:
+        names = sorted(self._entries)
+        try:
+            with SafetensorsWriter(self.path, [self._entries[n][0] for n in names], self.metadata) as writer:
+                for name in names:
+                    spec, offset = self._entries[name]
+                    self._spool.seek(offset)
+                    raw = bytearray(self._spool.read(spec.nbytes))
+                    tensor = torch.frombuffer(raw, dtype=spec.dtype) if raw else torch.empty(0, dtype=spec.dtype)
+                    writer.write(name, tensor.reshape(spec.shape))
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the spool; the destination is left as it was (unless close() finished)."""
+        if not self._spool.closed:
+            self._spool.close()
+        self._spool_target.discard()
+
+    def __enter__(self) -> "SpooledWriter":
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:

@@ -1,0 +1,236 @@
+"""Apply deltas to a target checkpoint: target + sum of scaled deltas, written in the target's layout.
+
+Everything is checked before the first byte is written (architecture, missing modules, shapes,
+output path). Then tensors stream one at a time: each native tensor of the target is read, its
+canonical parts get their deltas added in fp32, and the result is cast back (to the target's dtype
+unless told otherwise) and written. Untouched tensors are copied as they are. A single file stays a
+single file with LDM/SGM names; a diffusers folder stays a folder with untouched components copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from npo_merge import __version__
+from npo_merge.delta.files import Delta
+from npo_merge.errors import CompatibilityError, InputError, UsageError
+from npo_merge.io.atomic import atomic_output, check_output_path
+from npo_merge.io.checkpoint import Checkpoint
+from npo_merge.io.hashing import BackgroundHashes
+from npo_merge.io.keymap.links import KeyLink
+from npo_merge.io.safetensors_stream import SafetensorsWriter, TensorSpec
+from npo_merge.io.sources import TensorSource
+from npo_merge.progress import Progress, ProgressFactory, no_progress
+
+@dataclass(frozen=True)
+class Term:
+    """One delta with its scale in the sum target + sum(scale * delta)."""
+
+    delta: Delta
+    scale: float = 1.0
+
+
+@dataclass
+class ApplyPlan:
+    """What an apply will do, decided before writing: which canonical tensors get which terms."""
+
+    target: Checkpoint
+    terms: list[Term]
+    touched: dict[str, list[int]]
+    unmatched: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def touched_natives(self) -> set[tuple[int, str]]:
+        return {(id(self.target.entry(k).source), self.target.entry(k).link.native) for k in self.touched}
+
+
+def plan_apply(target: Checkpoint, terms: Sequence[Term], *, allow_partial: bool = False) -> ApplyPlan:
+    """Check that every delta fits the target; raise CompatibilityError naming the keys otherwise."""
+    if not terms:
+        raise UsageError("no delta given: pass at least one --delta")
+    touched: dict[str, list[int]] = {}
+    unmatched: dict[int, list[str]] = {}
+    for index, term in enumerate(terms):
+        delta = term.delta
+        if target.architecture not in delta.architectures:
+            raise CompatibilityError(
+                f"{delta.path}: delta is for {delta.architecture}, target {target.path} is {target.architecture}"
+            )
+        missing = sorted(k for k in delta.keys if k not in target)
+        mismatched = [
+            f"{k} (delta {tuple(delta.keys[k])}, target {target.shape(k)})"
+            for k in delta.keys
+            if k in target and tuple(delta.keys[k]) != tuple(target.shape(k))
+        ]
+        if mismatched:
+            raise CompatibilityError(f"{delta.path}: shape mismatch for {len(mismatched)} tensor(s): {', '.join(mismatched[:3])}")
+        if missing and not allow_partial:
+            raise CompatibilityError(
+                f"{delta.path}: {len(missing)} tensor(s) missing from target {target.path}, e.g. {', '.join(missing[:3])};"
+                " pass --allow-partial to apply the rest"
+            )
+        if len(missing) == len(delta.keys):
+            raise CompatibilityError(f"{delta.path}: none of its {len(missing)} tensors exist in target {target.path}")
+        if missing:
+            unmatched[index] = missing
+        for key in delta.keys:
+            if key in target:
+                touched.setdefault(key, []).append(index)
+    return ApplyPlan(target, list(terms), touched, unmatched)
+
+
+def _summed_delta(plan: ApplyPlan, key: str) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for index in plan.touched[key]:
+        term = plan.terms[index]
+        delta = term.delta.dense(key)
+        if not bool(torch.isfinite(delta).all()):
+            raise InputError(f"{term.delta.path}: delta for {key!r} contains NaN or Inf; refusing to apply it")
+        delta = delta * term.scale if term.scale != 1.0 else delta
+        total = delta if total is None else total.add_(delta)
+    assert total is not None
+    return total
+
+
+def _apply_native(plan: ApplyPlan, source: TensorSource, link: KeyLink | None, native: str,
+                  dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = source.tensor(native)
+    out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    if link is None or not any(key in plan.touched for key in link.canonical):
+        return tensor.to(out_dtype)
+    parts = [part.float() for part in link.to_canonical(tensor)]
+    for key, part in zip(link.canonical, parts):
+        if key in plan.touched:
+            part.add_(_summed_delta(plan, key).reshape(part.shape))
+    return link.to_native(parts, tensor.shape).to(out_dtype)
+
+
+def _native_links(checkpoint: Checkpoint) -> dict[tuple[int, str], KeyLink]:
+    return {(id(e.source), e.link.native): e.link for e in checkpoint.entries.values()}
+
+
+def _write_source(plan: ApplyPlan, source: TensorSource, names: list[str], path: Path, metadata: dict[str, str],
+                  dtype: torch.dtype | None, progress: Progress) -> SafetensorsWriter:
+    """Stream one output file; returns the open writer so the caller can patch metadata and close."""
+    links = _native_links(plan.target)
+    specs = []
+    for name in names:
+        info = source.info(name)
+        out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        specs.append(TensorSpec(name, out_dtype, info.shape))
+    writer = SafetensorsWriter(path, specs, metadata)
+    try:
+        for name in names:
+            writer.write(name, _apply_native(plan, source, links.get((id(source), name)), name, dtype))
+            progress.update()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+_PLACEHOLDER = "0" * 64
+
+
+def _provenance(plan: ApplyPlan, digests: dict[str, str]) -> dict[str, str]:
+    inputs = {"target": {"path": str(plan.target.path), "sha256": digests.get(str(plan.target.path), _PLACEHOLDER)}}
+    inputs["deltas"] = [  # type: ignore[assignment]
+        {"path": str(t.delta.path), "sha256": digests.get(str(t.delta.path), _PLACEHOLDER), "scale": t.scale,
+         "role": t.delta.role}
+        for t in plan.terms
+    ]
+    return {"npo_merge.version": __version__, "npo_merge.applied": json.dumps(inputs, sort_keys=True)}
+
+
+def apply_plan(plan: ApplyPlan, out: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+               progress: ProgressFactory = no_progress, link_untouched: bool = False,
+               extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write target + deltas to `out` in the target's layout; returns `out`."""
+    out = Path(out)
+    target = plan.target
+    check_output_path(out, [target.path, *(t.delta.path for t in plan.terms)])
+    with BackgroundHashes([target.path, *(t.delta.path for t in plan.terms)]) as hashes:
+        metadata_extra = {**_provenance(plan, {}), **(extra_metadata or {})}
+
+        def finish(writer: SafetensorsWriter) -> None:
+            try:
+                digests = {str(p): hashes.result(p) for p in [target.path, *(t.delta.path for t in plan.terms)]}
+                writer.patch_metadata("npo_merge.applied", _provenance(plan, digests)["npo_merge.applied"])
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+
+        if target.layout == "diffusers":
+            _apply_folder(plan, out, dtype, progress, link_untouched, metadata_extra, finish)
+        else:
+            source = target.sources[0]
+            names = sorted(source, key=lambda n: (source.info(n).start, n))
+            bar = progress(len(names), out.name)
+            try:
+                finish(_write_source(plan, source, names, out, {**source.metadata, **metadata_extra}, dtype, bar))
+            finally:
+                bar.close()
+    return out
+
+
+def _component_of(checkpoint: Checkpoint, source: TensorSource) -> str:
+    for key, entry in checkpoint.entries.items():
+        if entry.source is source:
+            return key.split(".", 1)[0]
+    raise AssertionError("source without entries")
+
+
+def _weights_name(source: TensorSource) -> str:
+    """The single-file name to write a component under (shards are written as one file)."""
+    name = source.path.name
+    if ".safetensors.index" in name:  # diffusion_pytorch_model.safetensors.index.fp16.json
+        stem, _, rest = name.partition(".safetensors.index")
+        variant = rest[: -len(".json")]
+        return f"{stem}{variant}.safetensors"
+    if not name.endswith(".safetensors"):
+        return name.rsplit(".", 1)[0].replace("pytorch_model", "model") + ".safetensors"
+    return name
+
+
+def _apply_folder(plan: ApplyPlan, out: Path, dtype: torch.dtype | None, progress: ProgressFactory,
+                  link_untouched: bool, metadata: dict[str, str], finish: Callable[[SafetensorsWriter], None]) -> None:
+    target = plan.target
+    touched = plan.touched_natives
+    rewritten: dict[str, TensorSource] = {}
+    for source in target.sources:
+        if any((id(source), name) in touched for name in source):
+            rewritten[_component_of(target, source)] = source
+    copy = os.link if link_untouched else shutil.copy2
+    with atomic_output(out, directory=True) as folder:
+        for item in sorted(target.path.rglob("*")):
+            relative = item.relative_to(target.path)
+            component = relative.parts[0]
+            if item.is_dir():
+                (folder / relative).mkdir(parents=True, exist_ok=True)
+                continue
+            if component in rewritten and _is_weights_file(item):
+                continue  # rewritten below; other variants of it would be stale, so they go
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            copy(item, folder / relative)
+        for component, source in rewritten.items():
+            names = sorted(source)
+            bar = progress(len(names), f"{out.name}/{component}")
+            try:
+                writer = _write_source(plan, source, names, folder / component / _weights_name(source),
+                                       {**source.metadata, **metadata}, dtype, bar)
+                finish(writer)
+            finally:
+                bar.close()
+
+
+def _is_weights_file(item: Path) -> bool:
+    name = item.name
+    return name.endswith((".safetensors", ".bin")) or (".safetensors.index" in name and name.endswith(".json"))
