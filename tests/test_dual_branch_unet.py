@@ -1,0 +1,265 @@
+"""NPO on tiny SD1.5/SDXL-structure UNets: one dual-branch call equals two UNets, equals peft, and undoes exactly."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from tiny_models import (
+    attention_projection_names,
+    linear_and_conv_names,
+    one_torch_thread,
+    random_lora,
+    tiny_sd15_unet,
+    tiny_sdxl_unet,
+    tiny_unet_inputs,
+)
+
+from npo_merge.delta.types import LowRank
+from npo_merge.errors import CompatibilityError, InputError
+from npo_merge.guidance.dual_branch import BranchDelta, DualBranchLayer
+from npo_merge.guidance.install import disable_npo, dual_branch_layers, enable_npo, set_branch_mode
+from npo_merge.guidance.reference import TwoPassCFG, uncond_unet
+
+ARCHS = {"sd15": tiny_sd15_unet, "sdxl": tiny_sdxl_unet}
+COVERAGE = {"attention": (attention_projection_names, 4), "all": (linear_and_conv_names, 8)}
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|: the error relative to the output's scale."""
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def unets():
+    return {arch: build() for arch, build in ARCHS.items()}
+
+
+@pytest.fixture(scope="module")
+def cases(unets):
+    """(unet, deltas, inputs, two-UNet reference output, plain output) per arch and coverage."""
+    out = {}
+    for arch, unet in unets.items():
+        inputs = tiny_unet_inputs(unet)
+        with torch.no_grad():
+            plain = unet(**inputs).sample
+        for coverage, (names, rank) in COVERAGE.items():
+            deltas = random_lora(unet, names(unet), rank, seed=3)
+            with torch.no_grad():
+                reference = TwoPassCFG(unet, uncond_unet(unet, deltas))(**inputs).sample
+            out[arch, coverage] = (unet, deltas, inputs, reference, plain)
+    return out
+
+
+def _call(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("coverage", COVERAGE)
+@pytest.mark.parametrize("path", ["lowrank", "stacked", "dense"])
+def test_one_call_matches_two_unets(cases, arch, coverage, path):
+    unet, deltas, inputs, reference, plain = cases[arch, coverage]
+    assert max_rel_err(plain, reference) > 1e-2  # the delta matters: the check below can fail
+    with enable_npo(unet, deltas, path=path):
+        got = _call(unet, inputs)
+    assert max_rel_err(got, reference) < 1e-5
+    assert not any(isinstance(m, DualBranchLayer) for m in unet.modules())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_modes_cond_and_uncond(cases, arch):
+    unet, deltas, inputs, _, plain = cases[arch, "all"]
+    with torch.no_grad():
+        all_uncond = uncond_unet(unet, deltas)(**inputs).sample
+    with enable_npo(unet, deltas, mode="cond") as handle:
+        assert torch.equal(_call(unet, inputs), plain)  # theta_c rows are the untouched base op
+        handle.set_mode("uncond")
+        assert max_rel_err(_call(unet, inputs), all_uncond) < 1e-5
+
+
+def test_eta_scales_the_uncond_offset(cases):
+    unet, deltas, inputs, reference, plain = cases["sd15", "attention"]
+    doubled = {name: LowRank(d.down, d.up, 2 * d.alpha) for name, d in deltas.items()}
+    with torch.no_grad():
+        expected = TwoPassCFG(unet, uncond_unet(unet, doubled))(**inputs).sample
+    with enable_npo(unet, deltas, eta=2.0):
+        assert max_rel_err(_call(unet, inputs), expected) < 1e-5
+
+
+def test_fp16_on_cpu_matches_fp16_two_unets(cases):
+    unet, deltas, inputs, reference, _ = cases["sdxl", "all"]
+    half = copy.deepcopy(unet).half()
+    inputs16 = {
+        "sample": inputs["sample"].half(),
+        "timestep": inputs["timestep"],
+        "encoder_hidden_states": inputs["encoder_hidden_states"].half(),
+        "added_cond_kwargs": {k: v.half() for k, v in inputs["added_cond_kwargs"].items()},
+    }
+    with torch.no_grad():
+        reference16 = TwoPassCFG(half, uncond_unet(half, deltas))(**inputs16).sample
+    enable_npo(half, deltas)
+    got = _call(half, inputs16)
+    assert got.dtype == torch.float16
+    assert max_rel_err(got, reference16) < 1e-2
+    assert max_rel_err(got, reference) < 1e-2
+
+
+def _peft_unet(unet, deltas: dict[str, LowRank], rank: int):
+    """A copy of `unet` with the same LoRA loaded through diffusers' peft integration (adapter "npo")."""
+    from peft import LoraConfig
+
+    lora_unet = copy.deepcopy(unet)
+    config = LoraConfig(r=rank, lora_alpha=rank / 2, target_modules=list(deltas), init_lora_weights=False)
+    lora_unet.add_adapter(config, adapter_name="npo")
+    for name, delta in deltas.items():
+        layer = lora_unet.get_submodule(name)
+        layer.lora_A["npo"].weight.data.copy_(delta.down.reshape(layer.lora_A["npo"].weight.shape))
+        layer.lora_B["npo"].weight.data.copy_(delta.up.reshape(layer.lora_B["npo"].weight.shape))
+    return lora_unet
+
+
+def _half(inputs: dict, which: int) -> dict:
+    rows = slice(0, 1) if which == 0 else slice(1, 2)
+    out = dict(inputs)
+    out["sample"] = inputs["sample"][rows]
+    out["encoder_hidden_states"] = inputs["encoder_hidden_states"][rows]
+    if "added_cond_kwargs" in inputs:
+        out["added_cond_kwargs"] = {k: v[rows] for k, v in inputs["added_cond_kwargs"].items()}
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_peft_adapter_toggled_and_mixed_batch(cases, arch):
+    from peft.tuners.lora import LoraLayer
+
+    unet, deltas, inputs, reference, _ = cases[arch, "all"]
+    lora_unet = _peft_unet(unet, deltas, COVERAGE["all"][1])
+    with torch.no_grad():
+        lora_unet.enable_adapters()
+        eps_u = lora_unet(**_half(inputs, 0)).sample
+        lora_unet.disable_adapters()
+        eps_c = lora_unet(**_half(inputs, 1)).sample
+        lora_unet.enable_adapters()
+        # peft's own mixed-adapter batch: the hook peft installs for `adapter_names`.
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, "adapter_names": ["npo", "__base__"]}), with_kwargs=True)
+            for m in lora_unet.modules()
+            if isinstance(m, LoraLayer)
+        ]
+        mixed = lora_unet(**inputs).sample
+        for hook in hooks:
+            hook.remove()
+    toggled = torch.cat([eps_u, eps_c])
+    with enable_npo(unet, deltas):
+        got = _call(unet, inputs)
+    assert max_rel_err(toggled, reference) < 1e-5
+    assert max_rel_err(got, toggled) < 1e-5
+    assert max_rel_err(got, mixed) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["lowrank", "stacked"])
+def test_disable_restores_modules_bits_and_outputs(cases, path):
+    unet, deltas, inputs, _, plain = cases["sdxl", "all"]
+    modules = dict(unet.named_modules())
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    handle = enable_npo(unet, deltas, path=path)
+    assert len(handle.modules) == len(deltas) == len(list(dual_branch_layers(unet)))
+    assert handle.extra_bytes > 0
+    enabled_state = unet.state_dict()
+    assert list(enabled_state) == list(state)  # same keys: the dual-branch buffers are not persistent
+    assert all(torch.equal(enabled_state[k], v) for k, v in state.items())
+    _call(unet, inputs)
+    assert disable_npo(unet) == len(deltas)
+    assert all(module is modules[name] for name, module in unet.named_modules())
+    restored = unet.state_dict()
+    for key, value in state.items():
+        assert restored[key].dtype == value.dtype and torch.equal(restored[key].view(torch.uint8), value.view(torch.uint8))
+    assert torch.equal(_call(unet, inputs), plain)
+
+
+def test_unet_prefix_weight_suffix_and_branch_delta_values(cases):
+    unet, deltas, inputs, reference, _ = cases["sd15", "attention"]
+    keyed = {f"unet.{name}.weight": BranchDelta(delta) for name, delta in deltas.items()}
+    with enable_npo(unet, keyed):
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+
+
+def test_bad_keys_are_named_in_one_error(unets):
+    unet = unets["sd15"]
+    good = random_lora(unet, attention_projection_names(unet)[:1], 2)
+    name = next(iter(good))
+    bad = {
+        **good,
+        "down_blocks.9.attentions.0.proj_in": good[name],
+        "unet.mid_block.attentions.0.proj_in": LowRank(torch.zeros(2, 7), torch.zeros(5, 2), 1.0),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": good[name],
+    }
+    with pytest.raises(CompatibilityError) as info:
+        enable_npo(unet, bad)
+    message = str(info.value)
+    assert "down_blocks.9.attentions.0.proj_in" in message
+    assert "unet.mid_block.attentions.0.proj_in (low-rank delta expands to (5, 7)" in message
+    assert "text_encoder.text_model" in message
+    assert not any(isinstance(m, DualBranchLayer) for m in unet.modules())  # nothing half-installed
+    with pytest.raises(CompatibilityError, match="no deltas"):
+        enable_npo(unet, {})
+
+
+def test_misuse_is_refused_with_a_clear_message(cases):
+    unet, deltas, inputs, _, _ = cases["sd15", "attention"]
+    with pytest.raises(InputError, match="torch.compile"):
+        enable_npo(torch.compile(unet), deltas)
+    with pytest.raises(InputError, match="not enabled"):
+        set_branch_mode(unet, "cond")
+    with enable_npo(unet, deltas):
+        with pytest.raises(InputError, match="already enabled"):
+            enable_npo(unet, deltas)
+        with pytest.raises(InputError, match="odd batch of 1"):
+            _call(unet, _half(inputs, 0))
+        set_branch_mode(unet, "cond")
+        _call(unet, _half(inputs, 0))
+
+
+def test_traces_fullgraph_under_torch_compile(cases):
+    """A transformer block and a ResNet block of the enabled UNet compile with fullgraph=True, per mode.
+
+    aot_eager runs dynamo tracing and AOT functionalization (the in-place update of the output view);
+    inductor code generation for the whole UNet is the slow test below.
+    """
+    unet, deltas, inputs, _, _ = cases["sd15", "all"]
+    x, text, temb = torch.randn(2, 64, 8, 8), torch.randn(2, 8, 32), torch.randn(2, 128)
+    block, resnet = unet.down_blocks[1].attentions[0], unet.down_blocks[1].resnets[1]
+    torch._dynamo.reset()
+    with enable_npo(unet, deltas) as handle, torch.no_grad():
+        compiled_block = torch.compile(block, fullgraph=True, backend="aot_eager")
+        compiled_resnet = torch.compile(resnet, fullgraph=True, backend="aot_eager")
+        outputs = {}
+        for mode in ("cfg", "cond", "cfg"):
+            handle.set_mode(mode)
+            eager = (block(x, encoder_hidden_states=text, return_dict=False)[0], resnet(x, temb))
+            compiled = (compiled_block(x, encoder_hidden_states=text, return_dict=False)[0], compiled_resnet(x, temb))
+            for e, c in zip(eager, compiled):
+                torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+            outputs.setdefault(mode, compiled[0])
+        assert max_rel_err(outputs["cfg"], outputs["cond"]) > 1e-3  # the mode switch took effect
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not os.environ.get("NPO_SLOW_TESTS"), reason="inductor on a whole UNet takes minutes on 2 CPU cores")
+def test_whole_unet_under_inductor(cases):
+    unet, deltas, inputs, reference, _ = cases["sdxl", "all"]
+    torch._dynamo.reset()
+    with enable_npo(unet, deltas):
+        compiled = torch.compile(unet, fullgraph=True)
+        assert max_rel_err(_call(compiled, inputs), reference) < 1e-5
+    torch._dynamo.reset()
