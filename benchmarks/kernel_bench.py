@@ -9,8 +9,10 @@ times per layer call, median, both under CUDA graphs (replays of a captured run 
   fused     Triton, shrink and expand fused into the GEMM (shrink recomputed per column tile)
   separate  Triton, shrink as one cuBLAS product first, expand fused into the GEMM epilogue
   op        torch.ops.npo_merge.dual_branch_linear (auto choice between the two, op dispatch included)
+  eager_fn  dual_branch_linear_eager: the same auto choice without the op's dispatch (eager inference)
   unfused   cuBLAS GEMM + shrink + expand added in place on the uncond rows (3 launches)
-  stacked   one bmm over [W_u; W_c] stacked (needs a second copy of W)
+  two_w     two cuBLAS GEMMs with bias, W_u on the uncond rows and W on the cond rows, each writing its
+            half of the output (needs a second copy of W: the stacked-weights design)
 
 Each method is checked against a float64 reference (relative error, NaN-poisoned outputs) before it
 is timed. ``--sweep`` also times a set of tile configs per shape class. Full numbers go to JSON
@@ -58,17 +60,18 @@ SHAPES: list[tuple[str, int, int, int]] = [
     ("sdxl.ff_out.1280", 2048, 5120, 1280),
     ("sdxl.to_kv.1280", 154, 2048, 1280),
 ]
-SWEEP_SHAPES = ["sd15.attn.320", "sd15.geglu.320", "sd15.ff_out.320", "sd15.attn.1280", "sd15.to_kv.320",
-                "sdxl.attn.640", "sdxl.geglu.1280"]
+SWEEP_SHAPES = ["sd15.attn.320", "sd15.attn.640", "sd15.attn.1280", "sd15.to_kv.320", "sd15.ff_out.320",
+                "sdxl.attn.640", "sdxl.attn.1280", "sdxl.geglu.1280"]
 # (block_m, block_n, block_k, group_m, num_warps, num_stages)
 SWEEP_CONFIGS = [
-    (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-    (128, 256, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (64, 32, 128, 8, 4, 3),
+    (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 2), (128, 128, 128, 8, 8, 2), (128, 256, 64, 8, 8, 3),
+    (64, 128, 64, 8, 4, 3), (64, 128, 128, 8, 4, 3), (128, 64, 64, 8, 4, 3), (64, 64, 128, 8, 4, 3),
+    (64, 32, 128, 8, 4, 3), (64, 64, 64, 8, 4, 2),
 ]
 SWEEP_METHODS = ("t_plain", "fused")
 SCALE = 0.75
 DEVICE = "cuda"  # "cpu" with --smoke: the Triton interpreter on tiny shapes, to check the script itself
-METHODS = ["plain", "t_plain", "fused", "separate", "op", "unfused", "stacked"]
+METHODS = ["plain", "t_plain", "fused", "separate", "op", "eager_fn", "unfused", "two_w"]
 
 
 def _layer(m: int, k: int, n: int, rank: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -84,27 +87,31 @@ def _layer(m: int, k: int, n: int, rank: int, dtype: torch.dtype, seed: int) -> 
 
 def _methods(t: dict[str, torch.Tensor], n_uncond: int, config=None) -> dict[str, object]:
     """Zero-argument callables, one per method, all computing the dual-branch output (t_plain excepted)."""
-    from npo_merge.guidance.kernels import dual_branch_linear_unfused
+    from npo_merge.guidance.kernels import dual_branch_linear_eager, dual_branch_linear_unfused
     from npo_merge.guidance.kernels.dual_linear_triton import dual_branch_linear_triton
 
     x, w, b, d, u = t["x"], t["weight"], t["bias"], t["down"], t["up"]
     m, n = x.shape[0], w.shape[0]
-    stacked = torch.stack([w + SCALE * (u @ d), w])  # [W_u; W_c], built once like a loader would
-    x_pairs = x.view(2, m // 2, -1) if m % 2 == 0 and n_uncond == m // 2 else None
-    bias_rows = b.view(1, 1, n)
+    weight_uncond = w + SCALE * (u @ d)  # the second copy, built once like a loader would
+    two_w_out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     op = torch.ops.npo_merge.dual_branch_linear
-    found = {
+
+    def two_w() -> torch.Tensor:
+        torch.addmm(b, x[:n_uncond], weight_uncond.t(), out=two_w_out[:n_uncond])
+        torch.addmm(b, x[n_uncond:], w.t(), out=two_w_out[n_uncond:])
+        return two_w_out
+
+    return {
         "plain": lambda: F.linear(x, w, b),
         "t_plain": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, 0, config=config),
         "fused": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, n_uncond, shrink="fused", config=config),
         "separate": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, n_uncond, shrink="separate",
                                                       config=config),
         "op": lambda: op(x, w, b, d, u, SCALE, n_uncond),
+        "eager_fn": lambda: dual_branch_linear_eager(x, w, b, d, u, SCALE, n_uncond),
         "unfused": lambda: dual_branch_linear_unfused(x, w, b, d, u, SCALE, n_uncond),
+        "two_w": two_w,
     }
-    if x_pairs is not None:
-        found["stacked"] = lambda: torch.baddbmm(bias_rows, x_pairs, stacked.transpose(1, 2)).view(m, n)
-    return found
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -341,9 +348,9 @@ def _markdown(env: dict, results: list[dict]) -> str:
     lines = [f"{env['card']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, {env['date']}; "
              f"ceilings {env['gemm_tflops']:.0f} TFLOP/s, {env['copy_gbps']:.0f} GB/s",
              "",
-             "| shape (M,K,N) | r | plain us (graph) | fused | separate | op (auto) | unfused | stacked "
-             "| t_plain | op eager x | unfused eager x | fused TFLOP/s | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape (M,K,N) | r | plain us graph / eager | fused | separate | op (auto) | unfused | two_w "
+             "| t_plain | eager_fn eager x | op eager x | unfused eager x | two_w eager x | best TFLOP/s | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         g, e = r["graph_us"], r["eager_us"]
 
@@ -351,10 +358,10 @@ def _markdown(env: dict, results: list[dict]) -> str:
             return f"{times[key] / times['plain']:.2f}x" if key in times else "-"
 
         lines.append(
-            f"| {r['shape']} ({r['m']},{r['k']},{r['n']}) | {r['rank']} | {g['plain']:.1f} | {ratio('fused')} "
-            f"| {ratio('separate')} | {ratio('op')} ({r['auto_mode'][0]}) | {ratio('unfused')} | {ratio('stacked')} "
-            f"| {ratio('t_plain')} | {ratio('op', e)} | {ratio('unfused', e)} | {r['tflops_graph']['fused']:.0f} "
-            f"| {max(r['rel_err'].values()):.1e} |")
+            f"| {r['shape']} ({r['m']},{r['k']},{r['n']}) | {r['rank']} | {g['plain']:.1f} / {e['plain']:.1f} | {ratio('fused')} "
+            f"| {ratio('separate')} | {ratio('op')} ({r['auto_mode'][0]}) | {ratio('unfused')} | {ratio('two_w')} "
+            f"| {ratio('t_plain')} | {ratio('eager_fn', e)} | {ratio('op', e)} | {ratio('unfused', e)} | {ratio('two_w', e)} "
+            f"| {max(r['tflops_graph'][key] for key in ('fused', 'separate')):.0f} | {max(r['rel_err'].values()):.1e} |")
     return "\n".join(lines) + "\n"
 
 

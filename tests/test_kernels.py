@@ -29,6 +29,7 @@ from npo_merge.guidance.kernels import (  # noqa: E402
     dual_branch_conv1x1,
     dual_branch_conv2d_reference,
     dual_branch_conv2d_unfused,
+    dual_branch_linear_eager,
     dual_branch_linear_reference,
     dual_branch_linear_unfused,
 )
@@ -204,6 +205,16 @@ def test_op_matches_reference(dtype, n_uncond):
     out = torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, n_uncond)
     assert out.shape == (4, 5, 10) and out.dtype == dtype
     _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+
+
+def test_eager_entry_point_matches_the_op_and_records_autograd():
+    x, weight, bias, down, up = _layer(12, 8, 6, 2, torch.float32, seed=9)
+    with torch.no_grad():
+        fast = dual_branch_linear_eager(x, weight, bias, down, up, SCALE, 5)
+    torch.testing.assert_close(fast, torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, SCALE, 5))
+    x.requires_grad_()
+    dual_branch_linear_eager(x, weight, bias, down, up, SCALE, 5).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_op_passes_opcheck():

@@ -7,7 +7,12 @@ fallback, and the helpers for conv layers.
 
 from __future__ import annotations
 
-from npo_merge.guidance.kernels.ops import available, dual_branch_conv1x1, dual_branch_linear
+from npo_merge.guidance.kernels.ops import (
+    available,
+    dual_branch_conv1x1,
+    dual_branch_linear,
+    dual_branch_linear_eager,
+)
 from npo_merge.guidance.kernels.torch_paths import (
     dual_branch_conv2d_reference,
     dual_branch_conv2d_unfused,
@@ -18,6 +23,7 @@ from npo_merge.guidance.kernels.torch_paths import (
 __all__ = [
     "available",
     "dual_branch_linear",
+    "dual_branch_linear_eager",
     "dual_branch_conv1x1",
     "dual_branch_linear_reference",
     "dual_branch_linear_unfused",

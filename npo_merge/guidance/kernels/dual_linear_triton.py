@@ -15,6 +15,7 @@ Importing this module imports triton; set TRITON_INTERPRET=1 before that to run 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,7 +39,7 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
+def _plain_loop(x_ptrs, w_ptrs, offs_k, K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -51,15 +52,16 @@ def _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     return acc
 
 
 @triton.jit
-def _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R, stride_xk, stride_wk, stride_dk,
+def _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     rank_ok = offs_r[None, :] < R
@@ -75,34 +77,31 @@ def _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R, stride_xk, stride
             d = tl.load(d_ptrs, mask=(offs_k[:, None] < k_left) & rank_ok, other=0.0)
         acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
         s = _mma(a, d, s, DOT_PRECISION, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-        d_ptrs += BLOCK_K * stride_dk
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        d_ptrs += BLOCK_K
     return acc, s
 
 
 @triton.jit
-def _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, stride_un, stride_ur,
+def _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale,
             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # acc += scale * s B^T on uncond rows: cond rows of a straddling tile get nothing, and padded
     # rank columns of s meet zero rows of the up tile.
     s = tl.where(offs_m[:, None] < n_uncond, s * scale, 0.0)
-    up_t = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-                   mask=offs_r[:, None] < R, other=0.0)
+    up_t = tl.load(up_ptr + offs_r[:, None] + cols[None, :] * R, mask=offs_r[:, None] < R, other=0.0)
     return _mma(s.to(up_t.dtype), up_t, acc, DOT_PRECISION, UPCAST)
 
 
 @triton.jit(do_not_specialize=["n_uncond"])
 def _dual_linear_kernel(
     x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, s_ptr, out_ptr,
-    M, N, K, R, n_uncond, scale,
-    stride_xm, stride_xk, stride_wn, stride_wk,
-    stride_dr, stride_dk, stride_un, stride_ur,
-    stride_sm, stride_sr, stride_om, stride_on,
+    M, N, K, R, n_uncond, scale, stride_xm, stride_wn,
     HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # Rows of x and W are strided (views are fine); their last dim, down, up, s and out are contiguous.
     # Grouped tile order: GROUP_M row tiles sweep the columns together, so x stays in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -119,36 +118,31 @@ def _dual_linear_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     rows = offs_m % M  # wrapped for unmasked loads; the store is masked
     cols = offs_n % N
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # a (BLOCK_K, BLOCK_N) tile of W^T
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * stride_wn  # a (BLOCK_K, BLOCK_N) tile of W^T
 
     # Each main loop appears once per compiled variant: loops in both arms of a branch would each
     # get their own pipeline buffers in shared memory.
     has_uncond = pid_m * BLOCK_M < n_uncond
     if FUSED_SHRINK:
         if has_uncond:
-            d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
+            d_ptrs = down_ptr + offs_k[:, None] + offs_r[None, :] * K
             acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
-                                  stride_xk, stride_wk, stride_dk,
                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
-            acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, stride_un, stride_ur,
-                          DOT_PRECISION, UPCAST)
+            acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, DOT_PRECISION, UPCAST)
         else:
-            acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
-                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+            acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
     else:
-        acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, stride_xk, stride_wk,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+        acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
         if has_uncond:
-            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+            s_ptrs = s_ptr + offs_m[:, None] * R + offs_r[None, :]
             s = tl.load(s_ptrs, mask=(offs_m[:, None] < n_uncond) & (offs_r[None, :] < R), other=0.0)
             acc = _expand(acc, s.to(tl.float32), up_ptr, offs_m, offs_r, cols, R, n_uncond, scale,
-                          stride_un, stride_ur, DOT_PRECISION, UPCAST)
+                          DOT_PRECISION, UPCAST)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -174,22 +168,32 @@ def rank_block(rank: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, rank: int, element_size: int = 2) -> KernelConfig:
-    """Hand-picked tiles per size class (no autotuning: it syncs, so it cannot run under graph capture)."""
+    """Hand-picked tiles per size class, from the H100 sweep in benchmarks/kernel_bench.py.
+
+    No autotuning: it times candidates with host syncs, which cannot happen under graph capture.
+    """
     block_r = rank_block(rank)
-    block_n = 128 if n % 128 == 0 or n > 1024 else 64
-    block_m = 16 if m <= 16 else 64 if m <= 512 else 128
-    block_k = 64 if k % 64 == 0 or k > 256 else 32
-    # Shared memory per pipeline stage: the x, W and (fused) down tiles.
+    if m <= 256:  # text-token rows (cross-attention k/v), time embeddings: many narrow column tiles
+        block_m, block_n, block_k, warps = 64, 32, 128, 4
+    elif m <= 1024:
+        block_m, block_n, block_k, warps = 64, 128, 64, 4
+    elif n >= 2048 and block_r <= 32:
+        block_m, block_n, block_k, warps = 128, 256, 64, 8
+    else:
+        block_m, block_n, block_k, warps = 128, 128, 64, 8
+    # Shared memory per pipeline stage: the x, W and (fused) down tiles. Three stages measured
+    # faster than four; fewer where the tiles are large.
     stage_bytes = element_size * block_k * (block_m + block_n + block_r)
-    num_stages = max(2, min(4, (160 * 1024) // stage_bytes))
-    num_warps = 8 if block_m * (block_n + block_r) >= 128 * 128 else 4
-    return KernelConfig(block_m, block_n, block_k, 8, num_warps, num_stages)
+    num_stages = max(2, min(3, (200 * 1024) // stage_bytes))
+    return KernelConfig(block_m, block_n, block_k, 8, warps, num_stages)
 
 
 # Roofline constants for the shrink-mode choice (H100 SXM; calibrated by benchmarks/kernel_bench.py).
-_MATRIX_FLOPS = 6.0e14  # what the kernel's main loop reaches on 16-bit operands
-_BANDWIDTH = 3.0e12  # bytes/s from device memory
-_LAUNCH_S = 2.0e-6  # one more kernel in the stream
+# Fitted to the fused/separate timings of all SD1.5/SDXL shapes at ranks 8 and 64 (28 of 34 picks
+# right, 21 us lost in total over those 34 layer calls).
+_MATRIX_FLOPS = 6.0e14  # rate at which the recomputed shrink costs time
+_BANDWIDTH = 2.5e12  # bytes/s from device memory (a copy measured 2.97e12)
+_LAUNCH_S = 3.0e-6  # the separate shrink's extra cuBLAS launch under CUDA graphs
 
 
 def pick_shrink_mode(m: int, n: int, k: int, rank: int, n_uncond: int, config: KernelConfig) -> str:
@@ -218,6 +222,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(m: int, n: int, k: int, rank: int, dtype: torch.dtype, has_bias: bool, n_uncond: int,
+                 shrink: str, config: KernelConfig | None, dot_precision: str) -> tuple[tuple[int], bool, dict]:
+    """Grid, shrink mode and compile-time arguments for one layer shape (cached: eager calls are launch-bound)."""
+    cfg = config or pick_config(m, n, k, rank, dtype.itemsize)
+    mode = pick_shrink_mode(m, n, k, rank, n_uncond, cfg) if shrink == "auto" else shrink
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"shrink must be 'auto', 'fused' or 'separate', got {shrink!r}")
+    constants = dict(
+        HAS_BIAS=has_bias, FUSED_SHRINK=mode == "fused",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(rank),
+        GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, DOT_PRECISION=dot_precision,
+        UPCAST=INTERPRETED and dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),), mode == "fused", constants
+
+
 def dual_branch_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -236,6 +257,7 @@ def dual_branch_linear_triton(
     No host sync and output of a fixed size, so it can be captured in a CUDA graph once compiled:
     run it once before capture. ``shrink`` and ``config`` override the per-shape choice (benchmarks);
     ``out``, a contiguous (rows, out_features) tensor of x's dtype, receives the result (tests poison it).
+    Rows of x and of the weight may be strided views; other layouts are made contiguous first.
     """
     out_features, in_features = weight.shape
     rank = down.shape[0]
@@ -247,23 +269,17 @@ def dual_branch_linear_triton(
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({m}, {out_features})")
     if m == 0 or out_features == 0:
         return out.reshape(*x.shape[:-1], out_features)
-    cfg = config or pick_config(m, out_features, in_features, rank, x.element_size())
-    mode = pick_shrink_mode(m, out_features, in_features, rank, n_uncond, cfg) if shrink == "auto" else shrink
-    if mode not in ("fused", "separate"):
-        raise ValueError(f"shrink must be 'auto', 'fused' or 'separate', got {shrink!r}")
-    fused = mode == "fused"
-    shrunk = rows[:n_uncond] @ down.t() if (not fused and n_uncond > 0) else out  # `out` is an unread placeholder
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n),)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    down, up = down.contiguous(), up.contiguous()
+    grid, fused, constants = _launch_plan(m, out_features, in_features, rank, x.dtype, bias is not None,
+                                          n_uncond, shrink, config, _dot_precision(x.dtype))
+    shrunk = rows[:n_uncond] @ down.t() if (not fused and n_uncond > 0) else out  # `out`: an unread placeholder
     _dual_linear_kernel[grid](
         rows, weight, bias if bias is not None else out, down, up, shrunk, out,
-        m, out_features, in_features, rank, n_uncond, float(scale),
-        rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1),
-        down.stride(0), down.stride(1), up.stride(0), up.stride(1),
-        shrunk.stride(0), shrunk.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, FUSED_SHRINK=fused,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(rank),
-        GROUP_M=cfg.group_m, EVEN_K=in_features % cfg.block_k == 0,
-        DOT_PRECISION=_dot_precision(x.dtype), UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        m, out_features, in_features, rank, n_uncond, float(scale), rows.stride(0), weight.stride(0),
+        **constants,
     )
     return out.reshape(*x.shape[:-1], out_features)
