@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import ExitStack
-from pathlib import Path
 
-import torch
-
-from npo_merge.cli.common import common_options, delta_options, delta_pairs, dtype_option, parse_dtype
-from npo_merge.delta.combine import METHODS, CombineOptions, combine
-from npo_merge.delta.files import open_delta
-from npo_merge.io.atomic import check_output_path
+from npo_merge.cli.common import common_options, context, delta_options, delta_refs, dtype_option, print_lines
+from npo_merge.delta.combine import METHODS
 from npo_merge.io.lora_writer import LAYOUTS
-from npo_merge.progress import tqdm_progress
+from npo_merge.steps import CombineStep
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rank/--energy re-compresses.",
     )
     delta_options(parser, ("--weight", "--scale"), "weight of the preceding --delta (default 1; -1 negates)")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True)
     parser.add_argument("--method", choices=METHODS, default="sum")
     parser.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept per delta (default 0.2)")
     parser.add_argument("--drop-rate", type=float, default=0.9, help="DARE: drop probability (default 0.9)")
@@ -40,19 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    pairs = delta_pairs(args)
-    check_output_path(args.out, [Path(p) for p, _ in pairs])
-    options = CombineOptions(args.method, args.density, args.drop_rate, args.seed, args.sign)
-    with ExitStack() as stack:
-        deltas = [stack.enter_context(open_delta(path)) for path, _ in pairs]
-        lowrank = args.rank is not None or args.energy is not None or (
-            all(d.kind == "lowrank" for d in deltas) and args.method == "sum")
-        report = combine(
-            deltas, [w for _, w in pairs], args.out, options=options, rank=args.rank, energy=args.energy,
-            role=args.role, dtype=parse_dtype(args.dtype, torch.float16 if lowrank else torch.float32),
-            layout=args.layout, progress=tqdm_progress(getattr(args, "quiet", False)),
-        )
-    for line in report.summary():
-        print(line)
-    print(f"wrote {args.out}")
-    return 0
+    step = CombineStep(delta_refs(args), args.out, args.method, args.density, args.drop_rate, args.seed, args.sign,
+                       args.rank, args.energy, args.role, args.layout, args.dtype)
+    return print_lines(step.run(context(args)))

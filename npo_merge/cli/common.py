@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from npo_merge.progress import tqdm_progress
+from npo_merge.steps import DTYPES, Context, DeltaRef
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -20,23 +19,20 @@ def dtype_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help=help)
 
 
-def parse_dtype(name: str | None, default: torch.dtype | None) -> torch.dtype | None:
-    return DTYPES[name] if name else default
-
-
 class _DeltaAction(argparse.Action):
-    """--delta PATH appends a [path, weight] pair; --scale/--weight sets the weight of the last one."""
+    """--delta PATH appends a DeltaRef; --scale/--weight sets the weight of the last one."""
 
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[override]
         items = list(getattr(namespace, self.dest, None) or [])
         if self.const == "weight":
             if not items:
                 parser.error(f"{option_string} must follow the --delta it scales")
-            if items[-1][2]:
-                parser.error(f"{option_string} given twice for --delta {items[-1][0]}")
-            items[-1] = [items[-1][0], value, True]
+            ref, weighted = items[-1]
+            if weighted:
+                parser.error(f"{option_string} given twice for --delta {ref.path}")
+            items[-1] = (DeltaRef(ref.path, value), True)
         else:
-            items.append([value, 1.0, False])
+            items.append((DeltaRef(value), False))
         setattr(namespace, self.dest, items)
 
 
@@ -48,5 +44,19 @@ def delta_options(parser: argparse.ArgumentParser, weight_flags: tuple[str, ...]
                         metavar="X", help=weight_help)
 
 
-def delta_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
-    return [(path, float(weight)) for path, weight, _ in args.deltas]
+def delta_refs(args: argparse.Namespace) -> list[DeltaRef]:
+    return [ref for ref, _ in args.deltas]
+
+
+def context(args: argparse.Namespace) -> Context:
+    """The step context for a command line: tqdm bars unless --quiet, models resolved as targets."""
+    from npo_merge.targets import resolve_target
+
+    return Context(resolve_model=lambda spec: resolve_target(spec).path,
+                   progress=tqdm_progress(getattr(args, "quiet", False)))
+
+
+def print_lines(lines: list[str]) -> int:
+    for line in lines:
+        print(line)
+    return 0

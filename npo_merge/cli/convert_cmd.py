@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from npo_merge.cli.common import common_options, dtype_option, parse_dtype
+from npo_merge.cli.common import common_options, dtype_option
+from npo_merge.steps import DTYPES
 from npo_merge.errors import InputError
 from npo_merge.io.atomic import check_output_path
 from npo_merge.io.lora import read_lora
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         if architecture not in lora.architectures:
             raise InputError(f"{args.input}: is {lora.architecture}, not {architecture}")
         first = next(iter(lora.modules.values()))
-        dtype = parse_dtype(args.dtype, lora.source.info(first.down_key).dtype)
+        dtype = DTYPES[args.dtype] if args.dtype else lora.source.info(first.down_key).dtype
         metadata = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
         write_lora(args.output, lora.items(), layout=args.layout, architecture=architecture, metadata=metadata, dtype=dtype)
     print(f"wrote {args.output} ({args.layout}, {len(lora.modules)} modules)")
