@@ -175,12 +175,12 @@ def pick_config(m: int, n: int, k: int, rank: int, element_size: int = 2) -> Ker
     block_r = rank_block(rank)
     if m <= 256:  # text-token rows (cross-attention k/v), time embeddings: many narrow column tiles
         block_m, block_n, block_k, warps = 64, 32, 128, 4
-    elif m <= 1024:
-        block_m, block_n, block_k, warps = 64, 128, 64, 4
-    elif n >= 2048 and block_r <= 32:
+    elif n >= 2048 and block_r <= 32:  # GEGLU projections: wide tiles, shrink recomputed fewer times
         block_m, block_n, block_k, warps = 128, 256, 64, 8
+    elif n <= 320 and k <= 640:  # SD1.5 320-channel attention
+        block_m, block_n, block_k, warps = 128, 64, 64, 4
     else:
-        block_m, block_n, block_k, warps = 128, 128, 64, 8
+        block_m, block_n, block_k, warps = 64, 128, 64, 4
     # Shared memory per pipeline stage: the x, W and (fused) down tiles. Three stages measured
     # faster than four; fewer where the tiles are large.
     stage_bytes = element_size * block_k * (block_m + block_n + block_r)
