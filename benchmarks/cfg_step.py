@@ -10,6 +10,8 @@ Rows, side by side in one run on the same inputs:
   peft_both    peft LoRA active on the whole batch 2: the cost of an unfused LoRA alone (not NPO semantics)
   npo_lowrank  this project's dual-branch layers, base op + rank-r update on the uncond half
   npo_stacked  this project's dual-branch layers, [W_u; W_c] stacked, one bmm per covered linear
+  npo_fused    this project's dual-branch layers calling the fused kernel op (npo_merge.guidance.kernels)
+               for the low-rank linears; an error row when no kernel is there
   peft_mixed   peft mixed-adapter batch (adapter_names = ["npo", "__base__"]), run last: its CUDA-graph
                capture is expected to fail and the failure is reported as the row's result
 
@@ -100,7 +102,7 @@ SMOKE_UNETS = {
 }
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 LORAS = {"attn-r8": ("attention", 8), "all-r64": ("linear+conv", 64)}
-ROWS = ("two_unets", "plain", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "peft_mixed")
+ROWS = ("two_unets", "plain", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "peft_mixed")
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
@@ -216,6 +218,9 @@ def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) 
     elif row in ("npo_lowrank", "npo_stacked"):
         with enable_npo(unet, deltas, mode="cfg", path=row.removeprefix("npo_"), backend="torch"):
             yield unet, [unet]
+    elif row == "npo_fused":
+        with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="fused"):
+            yield unet, [unet]
     elif row == "peft_toggle":
         with _peft_lora(unet, deltas, rank):
             yield TwoPassCFG(_AdapterSwitch(unet, False), _AdapterSwitch(unet, True)), [unet]
@@ -299,34 +304,47 @@ def run_row(row: str, unet: nn.Module, deltas: dict, rank: int, inputs: dict, ar
     device = unet.device
     result: dict[str, Any] = {"row": row}
     _reset_memory(device)
-    with row_model(row, unet, deltas, rank) as (model, holders):
-        result["weights_mb"] = weight_bytes(*holders) / 2**20
-
-        def step() -> torch.Tensor:
-            return cfg_combine(model(**inputs, return_dict=False)[0], GUIDANCE)
-
-        try:
-            out = step()
-            result["eager_ms"] = median_ms(step, args.warmup, args.iters, device)
-            result["peak_eager_mb"] = _peak_mb(device)
-            result["output"] = out
-            if reference is not None and row != "peft_both":
-                result["err_vs_two_unets"] = _max_rel_err(out, reference)
-        except Exception as exc:  # a row that cannot run is a result, not a crash
-            result["eager_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        if device.type == "cuda" and not args.no_graphs:
-            _reset_memory(device)
-            graph = None
-            try:
-                graph = capture_graph(step)
-                result["graph_ms"] = median_ms(graph.replay, args.warmup, args.iters, device)
-                result["peak_graph_mb"] = _peak_mb(device)
-            except Exception as exc:  # e.g. peft's mixed batch copies index lists to the GPU mid-capture
-                result["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                torch.cuda.synchronize()
-            del graph
+    try:
+        with row_model(row, unet, deltas, rank) as (model, holders):
+            _measure(model, holders, inputs, args, reference, result)
+    except Exception as exc:  # a row that cannot even be set up (e.g. no fused kernel) is a result too
+        result["setup_error"] = _one_line(exc)
     _reset_memory(device)
     return result
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+
+
+def _measure(model: nn.Module, holders: list[nn.Module], inputs: dict, args: argparse.Namespace, reference, result: dict) -> None:
+    """Fill `result` with eager and CUDA-graph timings, memory and the error against the reference."""
+    device = holders[0].device
+    result["weights_mb"] = weight_bytes(*holders) / 2**20
+
+    def step() -> torch.Tensor:
+        return cfg_combine(model(**inputs, return_dict=False)[0], GUIDANCE)
+
+    try:
+        out = step()
+        result["eager_ms"] = median_ms(step, args.warmup, args.iters, device)
+        result["peak_eager_mb"] = _peak_mb(device)
+        result["output"] = out
+        if reference is not None and result["row"] != "peft_both":
+            result["err_vs_two_unets"] = _max_rel_err(out, reference)
+    except Exception as exc:  # a row that cannot run is a result, not a crash
+        result["eager_error"] = _one_line(exc)
+    if device.type != "cuda" or args.no_graphs:
+        return
+    _reset_memory(device)
+    try:
+        graph = capture_graph(step)
+        result["graph_ms"] = median_ms(graph.replay, args.warmup, args.iters, device)
+        result["peak_graph_mb"] = _peak_mb(device)
+        del graph
+    except Exception as exc:  # e.g. peft's mixed batch copies index lists to the GPU mid-capture
+        result["graph_error"] = _one_line(exc)
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,13 +357,17 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = "| model | NPO LoRA | row | eager ms | x plain | graph ms | x plain | weights MB | peak eager MB | peak graph MB | err vs two_unets | note |"
+    head = (
+        "| model | NPO LoRA | row | eager ms | x plain | graph ms | x plain | weights MB | extra weights % "
+        "| peak eager MB | peak graph MB | err vs two_unets | note |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
-        note = "; ".join(x for x in (r.get("eager_error"), r.get("graph_error")) if x)
+        note = "; ".join(x for x in (r.get("setup_error"), r.get("eager_error"), r.get("graph_error")) if x)
         lines.append(
             f"| {r['model']} | {r['lora']} | {r['row']} | {_fmt(r.get('eager_ms'))} | {_fmt(r.get('eager_x_plain'), '.3f')} "
             f"| {_fmt(r.get('graph_ms'))} | {_fmt(r.get('graph_x_plain'), '.3f')} | {_fmt(r.get('weights_mb'), '.0f')} "
+            f"| {_fmt(r.get('extra_weights_pct'), '.1f')} "
             f"| {_fmt(r.get('peak_eager_mb'), '.0f')} | {_fmt(r.get('peak_graph_mb'), '.0f')} "
             f"| {_fmt(r.get('err_vs_two_unets'), '.1e')} | {note} |"
         )
@@ -412,6 +434,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     group.append({"model": model_name, "lora": lora_name, "modules": len(deltas), **result})
                 plain = next((r for r in group if r["row"] == "plain"), {})
                 for r in group:
+                    if r.get("weights_mb") is not None and plain.get("weights_mb"):
+                        r["extra_weights_pct"] = 100 * (r["weights_mb"] / plain["weights_mb"] - 1)
                     for kind in ("eager", "graph"):
                         if r.get(f"{kind}_ms") is not None and plain.get(f"{kind}_ms"):
                             r[f"{kind}_x_plain"] = r[f"{kind}_ms"] / plain[f"{kind}_ms"]

@@ -169,21 +169,23 @@ def test_pure_functions_on_hand_checkable_numbers():
 
 
 def test_fused_backend_dispatches_to_the_op(monkeypatch):
-    layer, x = _layer("linear3d")
+    """The fused entry gets the module's tensors and n_uncond counted in flattened rows (the op's contract)."""
+    layer, x = _layer("linear3d")  # (4, 3, 6): 2 uncond items = 6 flattened rows
     wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: None)
     with pytest.raises(InputError, match="dual_branch_linear"):
-        wrapped.set_backend("fused")  # no op registered in this process
+        wrapped.set_backend("fused")
     calls = []
 
-    def fake_op(x, weight, bias, down, up, scale, n_uncond):
-        calls.append(n_uncond)
-        return lowrank_linear(x, weight, bias, down, up, scale, n_uncond)
+    def fake_op(x, weight, bias, down, up, scale, n_rows):
+        calls.append(n_rows)
+        flat = lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale, n_rows)
+        return flat.reshape(*x.shape[:-1], -1)
 
-    monkeypatch.setattr(dual_branch, "fused_linear", fake_op)
-    monkeypatch.setattr(dual_branch, "fused_op_available", lambda: True)
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: fake_op)
     expected = wrapped(x)
     wrapped.set_backend("fused")
     torch.testing.assert_close(wrapped(x), expected)
     wrapped.set_mode("uncond")
     wrapped(x)
-    assert calls == [2, 4]
+    assert calls == [6, 12]

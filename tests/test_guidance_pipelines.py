@@ -29,7 +29,9 @@ def pipes(tmp_path_factory):
 
 
 def _sample(pipe, **kwargs) -> np.ndarray:
+    # 16x16 images (8x8 latents) keep the 20-step runs short; every block still runs.
     args = {"prompt": "a cat at the zoo", "num_inference_steps": 20, "guidance_scale": 5.0, "output_type": "np"}
+    args.update(height=16, width=16)
     args.update(kwargs)
     return pipe(generator=torch.Generator().manual_seed(0), **args).images
 
@@ -47,7 +49,7 @@ def test_sampling_matches_two_unet_reference(pipes, arch):
         reference = _sample(pipe, **kwargs)
     with enable_npo(pipe, deltas):
         got = _sample(pipe, **kwargs)
-    assert got.shape == reference.shape == (1, 32, 32, 3)
+    assert got.shape == reference.shape == (1, 16, 16, 3)
     assert _mad(plain, reference) > 5 / 255  # NPO changes the images, so the comparison below can fail
     assert _mad(got, reference) < 1 / 255
 

@@ -24,8 +24,10 @@ The math lives in the pure functions (`lowrank_linear`, `lowrank_conv2d`, `dense
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,7 @@ class BranchDelta:
     bias:   (out,) difference of the bias, or None when the branches share the bias.
     """
 
-    weight: Union[LowRank, torch.Tensor]
+    weight: LowRank | torch.Tensor
     bias: torch.Tensor | None = None
 
     @property
@@ -114,8 +116,8 @@ def lowrank_linear(
 ) -> torch.Tensor:
     """x W^T + b for every row, plus scale * (x down^T) up^T on the leading n_uncond rows of dim 0.
 
-    x (..., in), weight (out, in), down (r, in), up (out, r). This is also the reference semantics of
-    the fused op `torch.ops.npo_merge.dual_branch_linear` (same arguments, same order).
+    x (..., in), weight (out, in), down (r, in), up (out, r). The fused op takes the same arguments
+    but counts n_uncond in rows of x flattened to (rows, in).
     """
     y = F.linear(x, weight, bias)
     if n_uncond > 0:
@@ -191,30 +193,35 @@ def dense_conv2d(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused-kernel hook (issue 5): a CUDA op with the signature of `lowrank_linear`.
+# Fused-kernel hook (issue 5): npo_merge.guidance.kernels registers the CUDA op
+# torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, scale, n_uncond), which counts
+# n_uncond in rows of x flattened to (rows, in_features). Nothing here needs it to exist.
 # ---------------------------------------------------------------------------------------------
+
+FusedLinear = Callable[..., torch.Tensor]
+
+
+def fused_entry() -> FusedLinear | None:
+    """The fused dual-branch linear to call, or None when no kernel package provides one.
+
+    The kernels package's eager entry point (less host time per call than op dispatch) when it
+    imports, else the registered op itself.
+    """
+    try:
+        from npo_merge.guidance.kernels.ops import dual_branch_linear_eager
+    except ImportError:
+        pass
+    else:
+        return dual_branch_linear_eager
+    try:
+        return torch.ops.npo_merge.dual_branch_linear
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def fused_op_available() -> bool:
-    """Whether `torch.ops.npo_merge.dual_branch_linear` is registered (the kernels package provides it)."""
-    try:
-        torch.ops.npo_merge.dual_branch_linear  # noqa: B018 - attribute lookup is the test
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def fused_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    scale: float,
-    n_uncond: int,
-) -> torch.Tensor:
-    """The fused op's entry point, the one place the dual-branch layers name it (`lowrank_linear` semantics)."""
-    return torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, scale, n_uncond)
+    """Whether a fused dual-branch linear is there to call (see `fused_entry`)."""
+    return fused_entry() is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +290,7 @@ class DualBranchLinear(DualBranchLayer):
         self.out_features = linear.out_features
         self.strategy = strategy
         self.backend: Backend = "torch"
+        self.fused: FusedLinear | None = None
         weight = linear.weight
         like = {"dtype": weight.dtype, "device": weight.device}
         self.scale = 0.0
@@ -314,12 +322,13 @@ class DualBranchLinear(DualBranchLayer):
             raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
 
     def set_backend(self, backend: Backend) -> None:
-        """Pick the implementation of the 'lowrank' strategy: 'torch' or the registered 'fused' op."""
-        if backend == "fused" and not fused_op_available():
-            raise InputError(f"backend 'fused' needs the {FUSED_OP_NAME} op: import npo_merge.guidance.kernels first")
+        """Pick the implementation of the 'lowrank' strategy: 'torch' or the 'fused' kernel op."""
         if backend not in ("torch", "fused"):
             raise InputError(f"unknown backend {backend!r}: use 'torch' or 'fused'")
-        self.backend = backend
+        fused = fused_entry() if backend == "fused" else None
+        if backend == "fused" and fused is None:
+            raise InputError(f"backend 'fused' needs the {FUSED_OP_NAME} op (npo_merge.guidance.kernels): use 'torch'")
+        self.backend, self.fused = backend, fused
 
     def release(self) -> nn.Module:
         if self.strategy == "stacked":
@@ -337,8 +346,9 @@ class DualBranchLinear(DualBranchLayer):
             return F.linear(x, self.stacked_weight[half], bias)
         if self.strategy == "dense":
             y = dense_linear(x, self.weight, self.bias, self.diff, n_uncond)
-        elif self.backend == "fused":
-            y = fused_linear(x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond)
+        elif self.fused is not None:
+            rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
+            y = self.fused(x, self.weight, self.bias, self.down, self.up, self.scale, rows)
         else:
             y = lowrank_linear(x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond)
         if self.bias_diff is not None and n_uncond > 0:

@@ -19,7 +19,7 @@ import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from npo_merge.guidance.dual_branch import (
 )
 
 ModeSetting = Literal["auto", "cfg", "cond", "uncond"]
-DeltaValue = Union[BranchDelta, LowRank, torch.Tensor]
+DeltaValue = BranchDelta | LowRank | torch.Tensor
 
 _UNET_PREFIX = "unet."
 _WRAPPER_MARK = "_npo_follows_guidance"
@@ -107,18 +107,22 @@ def enable_npo(
     if any(isinstance(m, DualBranchLayer) for m in unet.modules()):
         raise InputError("NPO is already enabled on this UNet: call disable_npo first")
     if mode == "auto" and pipeline is not None:
-        _guidance_flag_position(pipeline)  # fail now, not at the first call
+        _encode_prompt_signature(pipeline)  # fail now, not at the first call
     targets = resolve_deltas(unet, deltas)
     layer_backend = _pick_backend(backend, unet, path)
 
     start_mode: BranchMode = "cfg" if mode == "auto" else mode
     modules: dict[str, DualBranchLayer] = {}
-    for name, (layer, delta) in targets.items():
-        wrapped = dual_branch_module(layer, delta, eta, path=path, mode=start_mode)
-        if isinstance(wrapped, DualBranchLinear) and wrapped.strategy == "lowrank":
-            wrapped.set_backend(layer_backend)
-        _replace_submodule(unet, name, wrapped)
-        modules[name] = wrapped
+    try:
+        for name, (layer, delta) in targets.items():
+            wrapped = dual_branch_module(layer, delta, eta, path=path, mode=start_mode)
+            if isinstance(wrapped, DualBranchLinear) and wrapped.strategy == "lowrank":
+                wrapped.set_backend(layer_backend)
+            _replace_submodule(unet, name, wrapped)
+            modules[name] = wrapped
+    except BaseException:
+        disable_npo(unet)  # never leave a half-installed UNet behind
+        raise
     if mode == "auto" and pipeline is not None:
         _follow_pipeline_guidance(pipeline, list(modules.values()))
 
@@ -266,7 +270,7 @@ def _set_layer_modes(layers: list[DualBranchLayer], mode: BranchMode) -> None:
         layer.set_mode(mode)
 
 
-def _guidance_flag_position(pipeline: Any) -> inspect.Signature:
+def _encode_prompt_signature(pipeline: Any) -> inspect.Signature:
     """The signature of pipeline.encode_prompt, which must take `do_classifier_free_guidance` for mode 'auto'."""
     encode = getattr(pipeline, "encode_prompt", None)
     signature = inspect.signature(encode) if callable(encode) else None
@@ -286,7 +290,7 @@ def _follow_pipeline_guidance(pipeline: Any, layers: list[DualBranchLayer]) -> N
     UNet sees [uncond; cond] or cond only. The mode is set outside the UNet call, so nothing here runs
     under torch.compile or inside a CUDA graph.
     """
-    signature = _guidance_flag_position(pipeline)
+    signature = _encode_prompt_signature(pipeline)
     original = pipeline.encode_prompt
     state = {"on": True}
 

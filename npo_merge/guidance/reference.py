@@ -78,7 +78,10 @@ class TwoPassCFG(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["cond_unet"], name)
+            cond = self.__dict__.get("_modules", {}).get("cond_unet")
+            if cond is None or name.startswith("__"):
+                raise
+            return getattr(cond, name)
 
     def forward(self, sample: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         batch = sample.shape[0]
