@@ -10,6 +10,12 @@ tiles: free while the layer is memory-bound, not for large ranks on compute-boun
 the ``"separate"`` shrink mode takes s from one small cuBLAS product first and keeps only the
 expand fused (one extra read of the uncond rows). ``"auto"`` picks between them per shape.
 
+Measured on an H100 (triton 3.6, CUDA graphs, benchmarks/kernel_bench.py): the kernel's own GEMM
+runs at 0.9-1.15x cuBLAS time for SD1.5's 320-channel attention and for text-token rows, 1.3-2.2x
+for larger layers. So it serves both branches at ~1.0x a plain layer for SD1.5 320-channel
+attention and at 1.3-1.6x for the other small (< 4 GFLOP) layers, where the torch paths cost
+1.7-2.6x; on large feed-forward layers the torch paths win (see the report in the benchmark).
+
 Importing this module imports triton; set TRITON_INTERPRET=1 before that to run on the CPU.
 """
 
@@ -23,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["KernelConfig", "pick_config", "pick_shrink_mode", "dual_branch_linear_triton"]
+__all__ = ["KernelConfig", "rank_block", "pick_config", "pick_shrink_mode", "dual_branch_linear_triton"]
 
 ShrinkMode = Literal["auto", "fused", "separate"]
 
@@ -189,10 +195,10 @@ def pick_config(m: int, n: int, k: int, rank: int, element_size: int = 2) -> Ker
 
 
 # Roofline constants for the shrink-mode choice (H100 SXM; calibrated by benchmarks/kernel_bench.py).
-# Fitted to the fused/separate timings of all SD1.5/SDXL shapes at ranks 8 and 64 (28 of 34 picks
-# right, 21 us lost in total over those 34 layer calls).
-_MATRIX_FLOPS = 6.0e14  # rate at which the recomputed shrink costs time
-_BANDWIDTH = 2.5e12  # bytes/s from device memory (a copy measured 2.97e12)
+# Fitted to the fused/separate timings of the SD1.5/SDXL shapes at ranks 8 and 64 with the tiles
+# above (H100, CUDA graphs): 29 of 34 picks right, 4.3 us lost over those 34 layer calls.
+_MATRIX_FLOPS = 3.0e14  # rate at which the recomputed shrink costs time in the main loop
+_BANDWIDTH = 2.9e12  # bytes/s, a device-to-device copy measured 2.97e12
 _LAUNCH_S = 3.0e-6  # the separate shrink's extra cuBLAS launch under CUDA graphs
 
 
@@ -274,6 +280,7 @@ def dual_branch_linear_triton(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     down, up = down.contiguous(), up.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     grid, fused, constants = _launch_plan(m, out_features, in_features, rank, x.dtype, bias is not None,
                                           n_uncond, shrink, config, _dot_precision(x.dtype))
     shrunk = rows[:n_uncond] @ down.t() if (not fused and n_uncond > 0) else out  # `out`: an unread placeholder
