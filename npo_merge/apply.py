@@ -86,17 +86,40 @@ def plan_apply(target: Checkpoint, terms: Sequence[Term], *, allow_partial: bool
     return ApplyPlan(target, list(terms), touched, unmatched)
 
 
-def _summed_delta(plan: ApplyPlan, key: str) -> torch.Tensor:
+# Large tensors are updated in row chunks of about this many elements (16 MiB in fp32), so the
+# peak memory is the tensor itself plus a chunk, whatever the tensor's size.
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+
+def _summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """sum(scale * delta) for one canonical tensor (or rows of it), fp32; NaN/Inf is an error."""
     total: torch.Tensor | None = None
     for index in plan.touched[key]:
         term = plan.terms[index]
-        delta = term.delta.dense(key)
+        delta = term.delta.dense(key, rows)
         if not bool(torch.isfinite(delta).all()):
             raise InputError(f"{term.delta.path}: delta for {key!r} contains NaN or Inf; refusing to apply it")
-        delta = delta * term.scale if term.scale != 1.0 else delta
-        total = delta if total is None else total.add_(delta)
+        if total is None:
+            total = delta.mul_(term.scale) if term.scale != 1.0 else delta
+        else:
+            total.add_(delta, alpha=term.scale)
     assert total is not None
     return total
+
+
+def _add_in_chunks(plan: ApplyPlan, key: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """tensor + delta, computed in fp32 a row chunk at a time and written into the output dtype."""
+    if tensor.dim() == 0:
+        return (tensor.float() + _summed_delta(plan, key).reshape(())).to(out_dtype)
+    out = tensor if out_dtype == tensor.dtype else torch.empty(tensor.shape, dtype=out_dtype)
+    rows = tensor.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, tensor[0].numel()))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        chunk = tensor[start:stop].float()
+        chunk.add_(_summed_delta(plan, key, (start, stop)))
+        out[start:stop] = chunk
+    return out
 
 
 def _apply_native(plan: ApplyPlan, source: TensorSource, link: KeyLink | None, native: str,
@@ -105,6 +128,8 @@ def _apply_native(plan: ApplyPlan, source: TensorSource, link: KeyLink | None, n
     out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
     if link is None or not any(key in plan.touched for key in link.canonical):
         return tensor.to(out_dtype)
+    if link.transform == "same":
+        return _add_in_chunks(plan, link.canonical[0], tensor, out_dtype)
     parts = [part.float() for part in link.to_canonical(tensor)]
     for key, part in zip(link.canonical, parts):
         if key in plan.touched:

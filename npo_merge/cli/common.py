@@ -52,6 +52,10 @@ def context(args: argparse.Namespace) -> Context:
     """The step context for a command line: tqdm bars unless --quiet, models resolved as targets."""
     from npo_merge.targets import resolve_target
 
+    if getattr(args, "quiet", False):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     return Context(resolve_model=lambda spec: resolve_target(spec).path,
                    progress=tqdm_progress(getattr(args, "quiet", False)))
 

@@ -68,24 +68,33 @@ class Delta:
     metadata: dict[str, str] = field(default_factory=dict)
     _reader: SafetensorsReader | None = None
     _lora: LoraFile | None = None
+    _last: tuple[str, LowRank] | None = None
 
     @property
     def architecture(self) -> str:
         return self.architectures[0] if len(self.architectures) == 1 else " or ".join(self.architectures)
 
-    def dense(self, key: str) -> torch.Tensor:
-        """The dense fp32 delta of one canonical tensor."""
+    def dense(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The dense fp32 delta of one canonical tensor, or of rows [start, stop) of it."""
         if key not in self.keys:
             raise KeyMappingError(f"{self.path}: no delta for {key!r}")
-        if self._lora is not None:
-            return self.lowrank(key.rsplit(".", 1)[0]).to_dense()
-        assert self._reader is not None
-        return self._reader.tensor(key).float()
+        if self._lora is None:
+            assert self._reader is not None
+            return self._reader.tensor(key, rows).float()
+        factors = self.lowrank(key.rsplit(".", 1)[0])
+        if rows is None:
+            return factors.to_dense()
+        up = factors.up[rows[0]:rows[1]].reshape(rows[1] - rows[0], factors.rank)
+        down = factors.down.reshape(factors.rank, -1)
+        return ((up @ down) * factors.scale).reshape(rows[1] - rows[0], *factors.weight_shape[1:])
 
     def lowrank(self, module: str) -> LowRank:
+        """One module's factors (fp32); the last one read is kept, so row-chunked reads load it once."""
         if self._lora is None:
             raise InputError(f"{self.path}: a full delta has no low-rank factors")
-        return self._lora.lowrank(module)
+        if self._last is None or self._last[0] != module:
+            self._last = (module, self._lora.lowrank(module))
+        return self._last[1]
 
     @property
     def modules(self) -> list[str]:

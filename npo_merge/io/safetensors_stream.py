@@ -205,25 +205,33 @@ class SafetensorsReader(Mapping[str, TensorInfo]):
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Load one tensor (a copy, so the caller may keep or modify it)."""
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Load one tensor, or rows [start, stop) of its first dimension (a copy the caller owns)."""
         info = self.info(name)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+        shape, begin, end = info.shape, info.start, info.end
+        if rows is not None:
+            start, stop = rows
+            if not (info.shape and 0 <= start <= stop <= info.shape[0]):
+                raise InputError(f"{self.path}: rows {rows} out of range for {name!r} of shape {info.shape}")
+            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            shape = (stop - start, *info.shape[1:])
+            begin, end = info.start + start * row_bytes, info.start + stop * row_bytes
+        out = torch.empty(shape, dtype=info.dtype)
+        if end == begin:
+            return out
         assert self._map is not None
-        out = torch.empty(info.shape, dtype=info.dtype)
         target = out.view(-1).view(torch.uint8).numpy()
         # Copy in slices and release each slice's mapped pages right away, so the peak is the
         # tensor itself plus one slice, not the tensor twice.
-        for offset in range(0, info.nbytes, _COPY_SLICE):
-            start = info.start + offset
-            stop = min(start + _COPY_SLICE, info.end)
-            view = memoryview(self._map)[start:stop]
+        for offset in range(0, end - begin, _COPY_SLICE):
+            start_byte = begin + offset
+            stop_byte = min(start_byte + _COPY_SLICE, end)
+            view = memoryview(self._map)[start_byte:stop_byte]
             try:
-                target[offset : offset + (stop - start)] = view
+                target[offset : offset + (stop_byte - start_byte)] = view
             finally:
                 view.release()
-            self._release(start, stop)
+            self._release(start_byte, stop_byte)
         return out
 
     def _release(self, start: int, end: int) -> None:

@@ -1,0 +1,138 @@
+"""Apply benchmark: wall time as a ratio to `cp` of the target (same run), and peak RSS.
+
+    python benchmarks/synth.py sd1 .bench/sd15.safetensors                 # target, seed 0
+    python benchmarks/synth.py sd1 .bench/sd15-tuned.safetensors --seed 1  # for the add-difference job
+    python benchmarks/synth.py sd1 .bench/sd15-base.safetensors --seed 2
+    python benchmarks/apply_bench.py sd1 [--mecha-python /path/to/venv/bin/python]
+    python benchmarks/apply_bench.py sdxl
+
+Rows: `cp` of the target; `npo-merge apply` of a rank-64 LoRA on every UNet linear and conv layer;
+`npo-merge apply` of a full fp16 delta (every UNet and text-encoder tensor); for sd1 also the
+add-difference job A + (B - C) as `npo-merge extract` then `apply`, and as sd-mecha's
+add_difference (if a Python with sd-mecha is given). Every command runs under /usr/bin/time in a
+fresh process after its inputs were read once into the page cache and pending writes were synced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / ".bench"
+FILES = {"sd1": "sd15", "sdxl": "sdxl"}
+
+
+def _run(command: list[str], inputs: list[Path]) -> tuple[float, int]:
+    """(seconds, peak RSS bytes) of one command, inputs warm in the page cache."""
+    for path in inputs:
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["sync"], check=True)
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{command} failed: {done.stderr[-2000:]}")
+    seconds, kib = done.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kib) * 1024
+
+
+def _lora(target: Path, out: Path, rank: int = 64) -> Path:
+    """A random rank-64 kohya LoRA on every UNet linear and conv layer of `target`."""
+    from npo_merge.delta.types import LowRank
+    from npo_merge.io.checkpoint import open_checkpoint
+    from npo_merge.io.lora_writer import write_lora
+
+    if out.exists():
+        return out
+    gen = torch.Generator().manual_seed(0)
+    with open_checkpoint(target) as checkpoint:
+        modules = []
+        for key in checkpoint.keys():
+            shape = checkpoint.shape(key)
+            if key.startswith("unet.") and key.endswith(".weight") and len(shape) in (2, 4):
+                r = min(rank, shape[0], int(torch.tensor(shape[1:]).prod()))
+                down = torch.randn(r, *shape[1:], generator=gen) * 0.01
+                up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.01
+                modules.append((key[: -len(".weight")], LowRank(down, up, float(r))))
+        write_lora(out, modules, layout="kohya", architecture=checkpoint.architecture, dtype=torch.float16)
+    return out
+
+
+def _full_delta(target: Path, out: Path) -> Path:
+    """A random fp16 full delta on every UNet and text-encoder tensor of `target` (streamed)."""
+    from npo_merge.delta.files import FULL, provenance
+    from npo_merge.delta.types import BaseFingerprint
+    from npo_merge.io.checkpoint import open_checkpoint
+    from npo_merge.io.safetensors_stream import SafetensorsWriter, TensorSpec
+
+    if out.exists():
+        return out
+    gen = torch.Generator().manual_seed(1)
+    with open_checkpoint(target) as checkpoint:
+        keys = sorted(k for k in checkpoint.keys() if not k.startswith("vae."))
+        specs = [TensorSpec(k, torch.float16, checkpoint.shape(k)) for k in keys]
+        meta = provenance(FULL, "positive", BaseFingerprint(checkpoint.architecture))
+        with SafetensorsWriter(out, specs, meta) as writer:
+            for spec in specs:
+                writer.write(spec.name, (torch.randn(spec.shape, generator=gen) * 1e-3).half())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", choices=sorted(FILES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mecha-python", help="a python that has sd-mecha installed (sd1 add-difference row)")
+    args = parser.parse_args()
+    name = FILES[args.arch]
+    target = BENCH / f"{name}.safetensors"
+    out = BENCH / f"{name}-out.safetensors"
+    lora = _lora(target, BENCH / f"{name}-lora-r64.safetensors")
+    full = _full_delta(target, BENCH / f"{name}-full-delta.safetensors")
+    npo = [sys.executable, "-m", "npo_merge"]
+    rows: list[tuple[str, list[str], list[Path]]] = [
+        ("cp of the target", ["cp", str(target), str(out)], [target]),
+        ("npo-merge apply, rank-64 LoRA (all UNet linear+conv)",
+         [*npo, "apply", "--target", str(target), "--delta", str(lora), "--out", str(out), "-q"], [target, lora]),
+        ("npo-merge apply, full fp16 delta (UNet + text encoder)",
+         [*npo, "apply", "--target", str(target), "--delta", str(full), "--out", str(out), "-q"], [target, full]),
+    ]
+    tuned, base = BENCH / f"{name}-tuned.safetensors", BENCH / f"{name}-base.safetensors"
+    if args.arch == "sd1" and tuned.exists() and base.exists():
+        diff = BENCH / f"{name}-tuned-minus-base.safetensors"
+        rows.append(("npo-merge extract B - C (fp16 full delta)",
+                     [*npo, "extract", "--base", str(base), "--tuned", str(tuned), "--out", str(diff), "--dtype", "fp16", "-q"],
+                     [base, tuned]))
+        rows.append(("npo-merge apply A + (B - C) (the delta above)",
+                     [*npo, "apply", "--target", str(target), "--delta", str(diff), "--out", str(out), "-q"], [target, diff]))
+        if args.mecha_python:
+            script = ("import sd_mecha,sys; a,b,c,o=sys.argv[1:]; "
+                      "sd_mecha.merge(sd_mecha.add_difference(sd_mecha.model(a), sd_mecha.model(b), sd_mecha.model(c), alpha=1.0), output=o)")
+            rows.append(("sd-mecha add_difference A + (B - C)",
+                         [args.mecha_python, "-c", script, str(target), str(tuned), str(base), str(out)], [target, tuned, base]))
+    results = []
+    for label, command, inputs in rows:
+        runs = []
+        for _ in range(args.repeats):
+            runs.append(_run(command, inputs))
+            out.unlink(missing_ok=True)
+        seconds = statistics.median(r[0] for r in runs)
+        results.append({"row": label, "seconds": seconds, "runs": [r[0] for r in runs], "peak_rss": max(r[1] for r in runs)})
+    cp_seconds = results[0]["seconds"]
+    size = target.stat().st_size
+    print(f"target {target.name}: {size / 1e9:.2f} GB; median of {args.repeats} runs; torch {torch.__version__}; {os.cpu_count()} cores\n")
+    print("| job | wall time | x cp | peak RSS |")
+    print("|---|---|---|---|")
+    for r in results:
+        print(f"| {r['row']} | {r['seconds']:.1f} s | {r['seconds'] / cp_seconds:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB |")
+    (BENCH / f"apply-{args.arch}.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
