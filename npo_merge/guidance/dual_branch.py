@@ -25,8 +25,8 @@ The math lives in the pure functions (`lowrank_linear`, `lowrank_conv2d`, `dense
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -40,8 +40,8 @@ BranchMode = Literal["cfg", "cond", "uncond"]
 BRANCH_MODES: tuple[BranchMode, ...] = ("cfg", "cond", "uncond")
 
 Strategy = Literal["lowrank", "dense", "stacked"]
-Path = Literal["lowrank", "dense", "stacked"]
-PATHS: tuple[Path, ...] = ("lowrank", "dense", "stacked")
+BranchPath = Literal["lowrank", "dense", "stacked"]
+PATHS: tuple[BranchPath, ...] = ("lowrank", "dense", "stacked")
 
 Backend = Literal["torch", "fused"]
 FUSED_OP_NAME = "npo_merge::dual_branch_linear"
@@ -443,7 +443,7 @@ def _squeeze_1x1(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def dual_branch_module(
-    module: nn.Module, delta: BranchDelta, eta: float = 1.0, *, path: Path = "lowrank", mode: BranchMode = "cfg"
+    module: nn.Module, delta: BranchDelta, eta: float = 1.0, *, path: BranchPath = "lowrank", mode: BranchMode = "cfg"
 ) -> DualBranchLinear | DualBranchConv2d:
     """Wrap a Linear/Conv2d layer so it serves both CFG branches; `path` picks the strategy.
 

@@ -32,9 +32,9 @@ from npo_merge.guidance.dual_branch import (
     Backend,
     BranchDelta,
     BranchMode,
+    BranchPath,
     DualBranchLayer,
     DualBranchLinear,
-    Path,
     delta_problem,
     dual_branch_module,
     fused_op_available,
@@ -55,7 +55,7 @@ class NpoHandle:
     unet: nn.Module
     modules: dict[str, DualBranchLayer]
     eta: float
-    path: Path
+    path: BranchPath
     pipeline: Any | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -83,7 +83,7 @@ def enable_npo(
     eta: float = 1.0,
     *,
     mode: ModeSetting = "auto",
-    path: Path = "lowrank",
+    path: BranchPath = "lowrank",
     backend: Literal["auto", "torch", "fused"] = "auto",
 ) -> NpoHandle:
     """Make the UNet serve theta_c to the cond half and theta_c + eta * delta to the uncond half of each batch.
@@ -256,7 +256,7 @@ def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _pick_backend(backend: str, unet: nn.Module, path: Path) -> Backend:
+def _pick_backend(backend: str, unet: nn.Module, path: BranchPath) -> Backend:
     if backend not in ("auto", "torch", "fused"):
         raise InputError(f"unknown backend {backend!r}: use auto, torch or fused")
     if backend == "auto":
@@ -298,6 +298,7 @@ def _follow_pipeline_guidance(pipeline: Any, layers: list[DualBranchLayer]) -> N
     def encode_prompt(*args: Any, **kwargs: Any) -> Any:
         if state["on"]:
             bound = signature.bind_partial(*args, **kwargs)
+            bound.apply_defaults()
             does_cfg = bool(bound.arguments.get("do_classifier_free_guidance", True))
             _set_layer_modes(layers, "cfg" if does_cfg else "cond")
         return original(*args, **kwargs)
