@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 
 from npo_merge.errors import CompatibilityError
-from npo_merge.guidance.kernels.torch_paths import check_dual_linear_args, dual_branch_linear_unfused
+from npo_merge.guidance.kernels.torch_paths import (
+    check_dual_linear_args,
+    check_dual_linear_shapes,
+    dual_branch_linear_unfused,
+)
 
 __all__ = ["available", "dual_branch_linear", "dual_branch_linear_eager", "dual_branch_conv1x1"]
 
@@ -67,14 +72,9 @@ def _dual_branch_linear_cuda(
     scale: float,
     n_uncond: int,
 ) -> torch.Tensor:
-    check_dual_linear_args(x, weight, bias, down, up, n_uncond)
-    rows = x.numel() // max(weight.shape[1], 1)
-    too_large = max(x.numel(), rows * weight.shape[0]) >= _INT32_LIMIT
-    if x.dtype not in _KERNEL_DTYPES or too_large or not _triton_imports():
-        return dual_branch_linear_unfused(x, weight, bias, down, up, scale, n_uncond)
-    from npo_merge.guidance.kernels.dual_linear_triton import dual_branch_linear_triton
-
-    return dual_branch_linear_triton(x, weight, bias, down, up, scale, n_uncond)
+    if _takes_triton(x, weight, bias, down, up, n_uncond):
+        return _triton_launcher()(x, weight, bias, down, up, scale, n_uncond)
+    return dual_branch_linear_unfused(x, weight, bias, down, up, scale, n_uncond)
 
 
 @dual_branch_linear.register_fake
@@ -145,14 +145,35 @@ def dual_branch_linear_eager(
     )
     if torch.compiler.is_compiling() or needs_graph:
         return torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, scale, n_uncond)
-    check_dual_linear_args(x, weight, bias, down, up, n_uncond)
-    rows = x.numel() // max(weight.shape[1], 1)
-    too_large = max(x.numel(), rows * weight.shape[0]) >= _INT32_LIMIT
-    if x.is_cuda and x.dtype in _KERNEL_DTYPES and not too_large and _triton_imports():
-        from npo_merge.guidance.kernels.dual_linear_triton import dual_branch_linear_triton
-
-        return dual_branch_linear_triton(x, weight, bias, down, up, scale, n_uncond)
+    if _takes_triton(x, weight, bias, down, up, n_uncond):
+        return _triton_launcher()(x, weight, bias, down, up, scale, n_uncond)
     return dual_branch_linear_unfused(x, weight, bias, down, up, scale, n_uncond)
+
+
+def _takes_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                  up: torch.Tensor, n_uncond: int) -> bool:
+    """Check the call (raises on a mismatch) and say whether the Triton kernel serves it."""
+    return _route(
+        x.shape, weight.shape, None if bias is None else bias.shape, down.shape, up.shape,
+        (x.dtype, weight.dtype, down.dtype, up.dtype, x.dtype if bias is None else bias.dtype), n_uncond, x.is_cuda,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _route(x_shape: torch.Size, weight_shape: torch.Size, bias_shape: torch.Size | None, down_shape: torch.Size,
+           up_shape: torch.Size, dtypes: tuple[torch.dtype, ...], n_uncond: int, on_cuda: bool) -> bool:
+    """Check a layer call once per shape and say whether the Triton kernel takes it (eager is host-bound)."""
+    check_dual_linear_shapes(x_shape, weight_shape, bias_shape, down_shape, up_shape, dtypes, n_uncond)
+    rows = math.prod(x_shape[:-1])
+    too_large = max(rows * x_shape[-1], rows * weight_shape[0]) >= _INT32_LIMIT
+    return on_cuda and dtypes[0] in _KERNEL_DTYPES and not too_large and _triton_imports()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_launcher():  # noqa: ANN202 (imports triton: only called once the kernel is known to run)
+    from npo_merge.guidance.kernels.dual_linear_triton import dual_branch_linear_triton
+
+    return dual_branch_linear_triton
 
 
 def dual_branch_conv1x1(

@@ -9,6 +9,9 @@ captured in a CUDA graph (slices along the leading dim and in-place adds; no ind
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +19,7 @@ from npo_merge.errors import CompatibilityError
 
 __all__ = [
     "check_dual_linear_args",
+    "check_dual_linear_shapes",
     "dual_branch_linear_reference",
     "dual_branch_linear_unfused",
     "dual_branch_conv2d_reference",
@@ -31,37 +35,50 @@ def check_dual_linear_args(
     up: torch.Tensor,
     n_uncond: int,
 ) -> None:
-    """Raise CompatibilityError unless the shapes form one dual-branch linear layer.
+    """Raise CompatibilityError unless the tensors form one dual-branch linear layer.
 
     Only shapes and dtypes are read, so this runs on fake tensors and never syncs the device.
     """
-    if weight.dim() != 2 or down.dim() != 2 or up.dim() != 2:
+    check_dual_linear_shapes(
+        x.shape, weight.shape, None if bias is None else bias.shape, down.shape, up.shape,
+        tuple(t.dtype for t in (x, weight, bias, down, up) if t is not None), n_uncond,
+    )
+
+
+def check_dual_linear_shapes(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    bias_shape: Sequence[int] | None,
+    down_shape: Sequence[int],
+    up_shape: Sequence[int],
+    dtypes: tuple[torch.dtype, ...],
+    n_uncond: int,
+) -> None:
+    """The same check on shapes and dtypes alone (hashable, so callers can cache it per layer)."""
+    if len(weight_shape) != 2 or len(down_shape) != 2 or len(up_shape) != 2:
         raise CompatibilityError(
-            f"dual-branch linear wants 2-D weight/down/up, got {tuple(weight.shape)}, "
-            f"{tuple(down.shape)}, {tuple(up.shape)}: reshape conv factors before calling"
+            f"dual-branch linear wants 2-D weight/down/up, got {tuple(weight_shape)}, "
+            f"{tuple(down_shape)}, {tuple(up_shape)}: reshape conv factors before calling"
         )
-    out_features, in_features = weight.shape
-    rank = down.shape[0]
-    if x.dim() < 1 or x.shape[-1] != in_features:
+    out_features, in_features = weight_shape
+    rank = down_shape[0]
+    if len(x_shape) < 1 or x_shape[-1] != in_features:
         raise CompatibilityError(
-            f"input's last dim is {x.shape[-1] if x.dim() else None}, the layer takes {in_features} features"
+            f"input's last dim is {x_shape[-1] if len(x_shape) else None}, the layer takes {in_features} features"
         )
-    if down.shape[1] != in_features or up.shape != (out_features, rank):
+    if down_shape[1] != in_features or tuple(up_shape) != (out_features, rank):
         raise CompatibilityError(
-            f"LoRA factors down {tuple(down.shape)} / up {tuple(up.shape)} do not fit weight "
-            f"{tuple(weight.shape)}: want down (r, {in_features}) and up ({out_features}, r)"
+            f"LoRA factors down {tuple(down_shape)} / up {tuple(up_shape)} do not fit weight "
+            f"{tuple(weight_shape)}: want down (r, {in_features}) and up ({out_features}, r)"
         )
-    if bias is not None and bias.shape != (out_features,):
-        raise CompatibilityError(f"bias has shape {tuple(bias.shape)}, want ({out_features},)")
-    rows = x.numel() // in_features if in_features else 0
+    if bias_shape is not None and tuple(bias_shape) != (out_features,):
+        raise CompatibilityError(f"bias has shape {tuple(bias_shape)}, want ({out_features},)")
+    rows = math.prod(x_shape[:-1])
     if not 0 <= n_uncond <= rows:
         raise CompatibilityError(f"n_uncond={n_uncond} is outside the {rows} rows of the input")
-    dtypes = {t.dtype for t in (x, weight, down, up) if t is not None}
-    if bias is not None:
-        dtypes.add(bias.dtype)
-    if len(dtypes) != 1:
+    if len(set(dtypes)) != 1:
         raise CompatibilityError(
-            f"dual-branch linear wants one dtype for input, weight, bias and factors, got {sorted(map(str, dtypes))}"
+            f"dual-branch linear wants one dtype for input, weight, bias and factors, got {sorted(map(str, set(dtypes)))}"
         )
 
 
