@@ -25,7 +25,8 @@ from npo_merge.io.atomic import atomic_output, check_output_path
 from npo_merge.io.checkpoint import Checkpoint
 from npo_merge.io.hashing import BackgroundHashes
 from npo_merge.io.keymap.links import KeyLink
-from npo_merge.io.safetensors_stream import SafetensorsWriter, TensorSpec
+from npo_merge.io.dual_checkpoint import FOLDER_BRANCH_FILE, Branch, branch_specs, branch_tensors
+from npo_merge.io.safetensors_stream import SafetensorsWriter, TensorSpec, save_tensors
 from npo_merge.io.sources import TensorSource
 from npo_merge.progress import Progress, ProgressFactory, no_progress
 
@@ -51,9 +52,10 @@ class ApplyPlan:
         return {(id(self.target.entry(k).source), self.target.entry(k).link.native) for k in self.touched}
 
 
-def plan_apply(target: Checkpoint, terms: Sequence[Term], *, allow_partial: bool = False) -> ApplyPlan:
+def plan_apply(target: Checkpoint, terms: Sequence[Term], *, allow_partial: bool = False,
+               allow_empty: bool = False) -> ApplyPlan:
     """Check that every delta fits the target; raise CompatibilityError naming the keys otherwise."""
-    if not terms:
+    if not terms and not allow_empty:
         raise UsageError("no delta given: pass at least one --delta")
     touched: dict[str, list[int]] = {}
     unmatched: dict[int, list[str]] = {}
@@ -91,7 +93,7 @@ def plan_apply(target: Checkpoint, terms: Sequence[Term], *, allow_partial: bool
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
-def _summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """sum(scale * delta) for one canonical tensor (or rows of it), fp32; NaN/Inf is an error."""
     total: torch.Tensor | None = None
     for index in plan.touched[key]:
@@ -110,14 +112,14 @@ def _summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None
 def _add_in_chunks(plan: ApplyPlan, key: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """tensor + delta, computed in fp32 a row chunk at a time and written into the output dtype."""
     if tensor.dim() == 0:
-        return (tensor.float() + _summed_delta(plan, key).reshape(())).to(out_dtype)
+        return (tensor.float() + summed_delta(plan, key).reshape(())).to(out_dtype)
     out = tensor if out_dtype == tensor.dtype else torch.empty(tensor.shape, dtype=out_dtype)
     rows = tensor.shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, tensor[0].numel()))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         chunk = tensor[start:stop].float()
-        chunk.add_(_summed_delta(plan, key, (start, stop)))
+        chunk.add_(summed_delta(plan, key, (start, stop)))
         out[start:stop] = chunk
     return out
 
@@ -133,7 +135,7 @@ def _apply_native(plan: ApplyPlan, source: TensorSource, link: KeyLink | None, n
     parts = [part.float() for part in link.to_canonical(tensor)]
     for key, part in zip(link.canonical, parts):
         if key in plan.touched:
-            part.add_(_summed_delta(plan, key).reshape(part.shape))
+            part.add_(summed_delta(plan, key).reshape(part.shape))
     return link.to_native(parts, tensor.shape).to(out_dtype)
 
 
@@ -142,23 +144,36 @@ def _native_links(checkpoint: Checkpoint) -> dict[tuple[int, str], KeyLink]:
 
 
 def _write_source(plan: ApplyPlan, source: TensorSource, names: list[str], path: Path, metadata: dict[str, str],
-                  dtype: torch.dtype | None, progress: Progress) -> SafetensorsWriter:
-    """Stream one output file; returns the open writer so the caller can patch metadata and close."""
+                  dtype: torch.dtype | None, progress: Progress, branch: Branch | None = None) -> SafetensorsWriter:
+    """Stream one output file (plus the branch tensors, if any); returns the open writer so the
+    caller can patch metadata and close."""
     links = _native_links(plan.target)
     specs = []
     for name in names:
         info = source.info(name)
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
         specs.append(TensorSpec(name, out_dtype, info.shape))
+    branch_dtype = _branch_dtype(specs)
+    if branch:
+        specs += branch_specs(branch, branch_dtype)
+        metadata = {**metadata, **branch.metadata}
     writer = SafetensorsWriter(path, specs, metadata)
     try:
         for name in names:
             writer.write(name, _apply_native(plan, source, links.get((id(source), name)), name, dtype))
             progress.update()
+        for name, tensor in branch_tensors(branch, branch_dtype) if branch else ():
+            writer.write(name, tensor)
     except BaseException:
         writer.abort()
         raise
     return writer
+
+
+def _branch_dtype(specs: list[TensorSpec]) -> torch.dtype:
+    """Branch factors are stored in the model's floating dtype (fp16 for an fp16 model)."""
+    floats = [spec.dtype for spec in specs if spec.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float16
 
 
 _PLACEHOLDER = "0" * 64
@@ -176,8 +191,12 @@ def _provenance(plan: ApplyPlan, digests: dict[str, str]) -> dict[str, str]:
 
 def apply_plan(plan: ApplyPlan, out: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
                progress: ProgressFactory = no_progress, link_untouched: bool = False,
-               extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write target + deltas to `out` in the target's layout; returns `out`."""
+               extra_metadata: dict[str, str] | None = None, branch: Branch | None = None) -> Path:
+    """Write target + deltas to `out` in the target's layout; returns `out`.
+
+    With a non-empty `branch`, the output is a dual-branch checkpoint: the branch difference goes
+    into the same file under its reserved prefix (a diffusers folder gets it as a file of its own).
+    """
     out = Path(out)
     target = plan.target
     check_output_path(out, [target.path, *(t.delta.path for t in plan.terms)])
@@ -194,13 +213,15 @@ def apply_plan(plan: ApplyPlan, out: str | os.PathLike[str], *, dtype: torch.dty
             writer.close()
 
         if target.layout == "diffusers":
-            _apply_folder(plan, out, dtype, progress, link_untouched, metadata_extra, finish)
+            _apply_folder(plan, out, dtype, progress, link_untouched, metadata_extra, finish, branch)
         else:
             source = target.sources[0]
             names = sorted(source, key=lambda n: (source.info(n).start, n))
+            if branch:  # a new uncond branch replaces the one the target may already carry
+                names = [n for n in names if n not in set(target.branch_names)]
             bar = progress(len(names), out.name)
             try:
-                finish(_write_source(plan, source, names, out, {**source.metadata, **metadata_extra}, dtype, bar))
+                finish(_write_source(plan, source, names, out, {**source.metadata, **metadata_extra}, dtype, bar, branch))
             finally:
                 bar.close()
     return out
@@ -226,7 +247,8 @@ def _weights_name(source: TensorSource) -> str:
 
 
 def _apply_folder(plan: ApplyPlan, out: Path, dtype: torch.dtype | None, progress: ProgressFactory,
-                  link_untouched: bool, metadata: dict[str, str], finish: Callable[[SafetensorsWriter], None]) -> None:
+                  link_untouched: bool, metadata: dict[str, str], finish: Callable[[SafetensorsWriter], None],
+                  branch: Branch | None) -> None:
     target = plan.target
     touched = plan.touched_natives
     rewritten: dict[str, TensorSource] = {}
@@ -254,6 +276,10 @@ def _apply_folder(plan: ApplyPlan, out: Path, dtype: torch.dtype | None, progres
                 finish(writer)
             finally:
                 bar.close()
+        if branch:
+            unet_dtype = next((target.dtype(k) for k in target.keys() if k.startswith("unet.")), torch.float16)
+            save_tensors(folder / FOLDER_BRANCH_FILE, dict(branch_tensors(branch, dtype or unet_dtype)),
+                         {**metadata, **branch.metadata})
 
 
 def _is_weights_file(item: Path) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from npo_merge.io.checkpoint import Checkpoint, open_checkpoint
 from npo_merge.io.detect import DELTA_FORMAT_KEY, detect_kind
 from npo_merge.io.keymap.architectures import ARCHITECTURES
-from npo_merge.io.lora import LoraFile, read_lora
+from npo_merge.io.lora import BRANCH_PREFIX, LoraFile, read_lora
 from npo_merge.io.safetensors_stream import dtype_code
 from npo_merge.io.sources import TensorSource, open_source
 
@@ -94,10 +94,29 @@ def _model_report(checkpoint: Checkpoint) -> dict[str, Any]:
         stats = _tensor_stats((source, names) for source, names in natives.values())
         report["components"][component] = {"tensors": stats["tensors"], "parameters": stats["parameters"], "dtype": stats["dtype"]}
     report["extra_tensors"] = sorted(name for _, name in checkpoint.extras)
+    if checkpoint.branch_names:
+        report["dual_branch"] = _branch_report(checkpoint)
     report["files"] = [str(f) for f in checkpoint.files]
     report["file_size"] = _file_size(checkpoint.files)
     report["metadata"] = checkpoint.metadata
     return report
+
+
+def _branch_report(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The uncond-branch difference a dual-branch checkpoint carries."""
+    meta = checkpoint.metadata
+    source = checkpoint.sources[0]
+    names = checkpoint.branch_names
+    ranks = Counter(source.info(n).shape[0] for n in names if n.endswith(".lora_down"))
+    return {
+        "format_version": meta.get("npo_merge.dual_branch"),
+        "modules": len({n[len(BRANCH_PREFIX):].rsplit(".", 1)[0] for n in names}),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "dense_layers": sum(n.endswith(".diff") for n in names),
+        "eta": meta.get("npo_merge.eta"),
+        "beta": meta.get("npo_merge.beta"),
+        "guidance_scale": meta.get("npo_merge.guidance_scale"),
+    }
 
 
 def _lora_report(lora: LoraFile) -> dict[str, Any]:
@@ -179,6 +198,11 @@ def format_report(report: dict[str, Any]) -> str:
     row("file size", f"{report['file_size']:,} bytes ({report['file_size'] / 2**20:.1f} MiB)")
     for component, stats in report.get("components", {}).items():
         row("component", f"{component}: {stats['tensors']:,} tensors, {stats['parameters']:,} parameters, {stats['dtype']}")
+    if report.get("dual_branch"):
+        dual = report["dual_branch"]
+        ranks = ", ".join(f"rank {k} x{v}" for k, v in dual["ranks"].items()) or "dense"
+        row("dual-branch", f"format {dual['format_version']}: uncond difference on {dual['modules']} UNet modules ({ranks}), "
+                           f"eta {dual['eta']}, beta {dual['beta']}")
     if report.get("extra_tensors"):
         row("extras", f"{len(report['extra_tensors'])} non-weight tensors kept as they are (scheduler buffers, EMA...)")
     if "rank" in report:

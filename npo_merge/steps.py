@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from npo_merge.apply import Term, apply_plan, plan_apply
+from npo_merge.branch import BranchOptions, build_branch, write_companion_lora
 from npo_merge.delta.combine import CombineOptions, combine
 from npo_merge.delta.extract import extract
 from npo_merge.delta.files import open_delta
@@ -152,6 +153,9 @@ class CombineStep:
 
 @dataclass
 class ApplyStep:
+    """target + deltas. Positive deltas are baked into theta_c; negative (NPO) deltas become the
+    uncond branch of a dual-branch checkpoint unless `bake` (then they are baked like the rest)."""
+
     target: str
     deltas: list[DeltaRef]
     out: str | None = None
@@ -159,9 +163,18 @@ class ApplyStep:
     allow_partial: bool = False
     role: str | None = None
     link: bool = False
+    bake: bool = False
+    layout: str = "single"  # "single": one dual-branch file; "separate": theta_c + a companion LoRA
+    eta: float = 1.0
+    beta: float = 0.0
+    base: str | None = None
+    branch_rank: int | None = None
+    branch_energy: float | None = None
+    guidance_scale: float | None = None
 
     def inputs(self, ctx: Context) -> list[Path]:
-        return [ctx.model(self.target), *(ctx.path(ref.path) for ref in self.deltas)]
+        extra = [ctx.model(self.base)] if self.base else []
+        return [ctx.model(self.target), *(ctx.path(ref.path) for ref in self.deltas), *extra]
 
     def output(self, ctx: Context, target: Path) -> Path:
         if self.out:
@@ -170,22 +183,45 @@ class ApplyStep:
         return ctx.base_dir / (f"{stem}-merged{target.suffix}" if target.is_file() else f"{stem}-merged")
 
     def run(self, ctx: Context) -> list[str]:
-        target_path, *delta_paths = self.inputs(ctx)
+        if self.layout not in ("single", "separate"):
+            raise UsageError(f"layout must be 'single' or 'separate', not {self.layout!r}")
+        target_path, *delta_paths = self.inputs(ctx)[: 1 + len(self.deltas)]
         out = self.output(ctx, target_path)
+        lines: list[str] = []
         with ExitStack() as stack:
             target = stack.enter_context(open_checkpoint(target_path))
             terms = [Term(stack.enter_context(open_delta(path, role=self.role)), ref.weight)  # type: ignore[arg-type]
                      for path, ref in zip(delta_paths, self.deltas)]
-            plan = plan_apply(target, terms, allow_partial=self.allow_partial)
-            for index, missing in plan.unmatched.items():
+            checked = plan_apply(target, terms, allow_partial=self.allow_partial)
+            for index, missing in checked.unmatched.items():
                 ctx.notes(f"note: {terms[index].delta.path}: {len(missing)} tensor(s) not in the target were skipped, "
                           f"e.g. {missing[0]}")
-            for term in terms:
+            negatives = [t for t in terms if t.delta.role == "negative" and not self.bake]
+            positives = [t for t in terms if t not in negatives]
+            if not negatives and (self.eta != 1.0 or self.beta or self.base):
+                raise UsageError("eta, beta and base shape the uncond branch: give a negative (NPO) delta without --bake")
+            for term in positives:
                 if term.delta.role == "negative":
-                    ctx.notes(f"note: {term.delta.path} is a negative (NPO) delta; baking it changes both CFG branches")
-            apply_plan(plan, out, dtype=_dtype(self.dtype, None), progress=ctx.progress, link_untouched=self.link,
-                       extra_metadata=dict(ctx.metadata))
-        return [f"wrote {out} ({len(plan.touched)} tensors changed by {len(terms)} delta(s))"]
+                    ctx.notes(f"note: {term.delta.path} is a negative (NPO) delta baked into both CFG branches (--bake)")
+            plan = plan_apply(target, positives, allow_partial=self.allow_partial, allow_empty=True)
+            branch = None
+            if negatives:
+                base = stack.enter_context(open_checkpoint(ctx.model(self.base))) if self.base else None
+                options = BranchOptions(self.eta, self.beta, self.branch_rank, self.branch_energy, self.guidance_scale)
+                branch, report = build_branch(plan, negatives, options, base=base, progress=ctx.progress)
+                lines += report.summary()
+            dtype = _dtype(self.dtype, None)
+            if branch and self.layout == "separate":
+                companion = out.with_name(f"{out.name.split('.')[0]}.npo-uncond.safetensors")
+                check_output_path(companion, [target_path, *delta_paths])
+                write_companion_lora(companion, branch, target.architecture)
+                branch = None
+                lines.append(f"wrote {companion} (uncond-branch LoRA, role negative)")
+            apply_plan(plan, out, dtype=dtype, progress=ctx.progress, link_untouched=self.link,
+                       extra_metadata=dict(ctx.metadata), branch=branch)
+        kind = "dual-branch checkpoint" if branch else "checkpoint"
+        lines.append(f"wrote {out} ({kind}; {len(plan.touched)} tensors changed by {len(positives)} baked delta(s))")
+        return lines
 
 
 STEPS = {"extract": ExtractStep, "combine": CombineStep, "apply": ApplyStep}

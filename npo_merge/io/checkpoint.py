@@ -22,6 +22,7 @@ from npo_merge.io.keymap.architectures import COMPONENTS
 from npo_merge.io.keymap.links import KeyLink
 from npo_merge.io.keymap.tables import canonical_keys, is_diffusers_extra, ldm_table
 from npo_merge.io.keymap.vae import LEGACY_DIFFUSERS_VAE
+from npo_merge.io.lora import BRANCH_PREFIX
 from npo_merge.io.safetensors_stream import TensorInfo
 from npo_merge.io.sources import TensorSource, open_source
 
@@ -56,6 +57,7 @@ class Checkpoint:
         self.sources = sources
         self.entries: dict[str, Entry] = {}
         self.extras: list[tuple[TensorSource, str]] = []
+        self.branch_names: list[str] = []  # a dual-branch checkpoint's uncond difference (npo_uncond.*)
         self._cache: tuple[str, torch.Tensor] | None = None  # last native tensor read (split3 links)
 
     # -- canonical access -------------------------------------------------
@@ -148,6 +150,9 @@ def _single_file(path: Path, source: TensorSource) -> Checkpoint:
         return checkpoint
     table = ldm_table(architecture)
     for native in source:
+        if native.startswith(BRANCH_PREFIX):
+            checkpoint.branch_names.append(native)
+            continue
         link = table.resolve(native)
         if link is None:
             checkpoint.extras.append((source, native))
@@ -176,6 +181,9 @@ def _diffusers_key(component: str, key: str) -> str:
 def _add_component(checkpoint: Checkpoint, component: str, source: TensorSource) -> None:
     known = canonical_keys(checkpoint.architecture) if checkpoint.architecture != UNKNOWN else None
     for native in source:
+        if native.startswith(BRANCH_PREFIX):
+            checkpoint.branch_names.append(native)
+            continue
         canonical = _diffusers_key(component, native)
         if is_diffusers_extra(canonical):
             checkpoint.extras.append((source, native))

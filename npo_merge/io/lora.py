@@ -27,12 +27,16 @@ from npo_merge.io.keymap.architectures import ARCHITECTURES
 from npo_merge.io.keymap.tables import canonical_modules, ldm_table
 from npo_merge.io.sources import TensorSource, open_source
 
+BRANCH_PREFIX = "npo_uncond."  # dual-branch checkpoints keep their uncond difference under it
+
 LORA_LAYOUTS = ("kohya", "diffusers", "peft")
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+# Name endings of LoRA-like types we do not apply (LyCORIS and friends).
 _LYCORIS_MARKERS = {
     ".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".lora_mid.weight": "LoCon with a CP/Tucker mid factor",
-    ".dora_scale": "DoRA", ".lora_magnitude_vector": "DoRA", ".diff": "LyCORIS full-diff", ".oft_blocks": "OFT",
+    ".dora_scale": "DoRA", ".lora_magnitude_vector": "DoRA", ".diff": "LyCORIS full-diff", ".diff_b": "LyCORIS full-diff",
+    ".oft_blocks": "OFT",
 }
 _ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -189,7 +193,7 @@ def _factor_pairs(names: list[str], where: Path) -> tuple[dict[str, dict[str, st
 def _check_lycoris(names: list[str], where: Path) -> None:
     for name in names:
         for marker, kind in _LYCORIS_MARKERS.items():
-            if marker in name:
+            if name.endswith(marker) or f"{marker}." in name:
                 raise FormatError(
                     f"{where}: {kind} weights ({name!r}) are not supported; only plain LoRA/LoCon factors are"
                 )
@@ -306,6 +310,7 @@ def _is_official_npo(lora: LoraFile) -> bool:
 
 def lora_layout_of(names: list[str]) -> str | None:
     """Which LoRA layout a list of tensor names is in, or None when it is no LoRA."""
+    names = [name for name in names if not name.startswith(BRANCH_PREFIX)]  # a dual-branch model's own
     if any(name.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for name in names):
         return "kohya"
     lora_like = [n for n in names if ".lora" in n or "_lora." in n]
