@@ -414,6 +414,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not torch.cuda.is_available():
             raise SystemExit("cfg_step.py times the GPU: no CUDA device here (use --smoke for a CPU check)")
         device, dtype, configs = torch.device("cuda"), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], UNETS
+    for option, known in (("models", UNETS), ("lora", LORAS), ("rows", ROWS)):
+        unknown = set(getattr(args, option).split(",")) - set(known)
+        if unknown:
+            raise SystemExit(f"unknown --{option} {', '.join(sorted(unknown))}: use {', '.join(known)}")
     rows = [r for r in ROWS if r in args.rows.split(",")]  # two_unets first: it is the reference
     results = []
     with torch.no_grad():

@@ -58,6 +58,9 @@ def _split(value: Any, batch: int, n_uncond: int) -> tuple[Any, Any]:
     if isinstance(value, dict):
         pairs = {k: _split(v, batch, n_uncond) for k, v in value.items()}
         return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(value, (list, tuple)):  # e.g. ControlNet residuals
+        pairs = [_split(v, batch, n_uncond) for v in value]
+        return type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs)
     return value, value
 
 
