@@ -29,6 +29,12 @@ def rel_error(delta: torch.Tensor, lowrank: LowRank) -> float:
     return float(torch.linalg.vector_norm(delta.float() - lowrank.to_dense()) / torch.linalg.vector_norm(delta.float()))
 
 
+def rel_error64(delta: torch.Tensor, lowrank: LowRank) -> float:
+    """rel_error computed in fp64, for comparisons finer than fp32 rounding."""
+    residual = delta.double() - lowrank.to_dense(torch.float64)
+    return float(torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(delta.double()))
+
+
 def random_lora(out: int, inner: tuple[int, ...], rank: int, alpha: float, seed: int) -> LowRank:
     g = torch.Generator().manual_seed(seed)
     if len(inner) == 1:
@@ -73,9 +79,7 @@ def test_fidelity_stays_exact_on_a_large_matrix() -> None:
     g = torch.Generator().manual_seed(13)
     delta = torch.randn(1024, 8, generator=g) @ torch.randn(8, 4096, generator=g) / 64 + 0.01 * torch.randn(1024, 4096, generator=g)
     lowrank, fid = factorize(delta, rank=8)
-    residual = delta.double() - lowrank.to_dense(torch.float64)
-    measured = float(torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(delta.double()))
-    assert fid.rel_error == pytest.approx(measured, rel=5e-5)
+    assert fid.rel_error == pytest.approx(rel_error64(delta, lowrank), rel=5e-5)
 
 
 def test_randomized_agrees_with_exact_on_a_decaying_spectrum() -> None:
@@ -85,7 +89,11 @@ def test_randomized_agrees_with_exact_on_a_decaying_spectrum() -> None:
     best, best_fid = factorize(delta, rank=24, method="exact")
     optimum = math.sqrt(sum(x * x for x in s[24:]) / sum(x * x for x in s))
     assert best_fid.rel_error == pytest.approx(optimum, rel=1e-3)
-    assert best_fid.rel_error <= fast_fid.rel_error <= 1.01 * best_fid.rel_error
+    # measured in fp64 (at a 2 % error, fp32 singular values resolve the randomized error only to
+    # ~1e-4 relative): never below the optimum (Eckart-Young), at most 1 % above it
+    fast_err, best_err = rel_error64(delta, fast), rel_error64(delta, best)
+    assert best_err * (1 - 1e-6) <= fast_err <= 1.01 * best_err
+    assert fast_fid.rel_error == pytest.approx(fast_err, rel=1e-3)
     assert torch.allclose(fast.to_dense(), best.to_dense(), atol=1e-3 * s[0])
 
 

@@ -47,7 +47,9 @@ class Fidelity:
 
     retained: ||D_r|| / ||D||, the fraction of the norm kept (1.0 for a zero D).
     rel_error: ||D - D_r|| / ||D|| (0.0 for a zero D). For an orthogonal projection (every
-        SVD truncation here) retained^2 + rel_error^2 = 1.
+        SVD truncation here) retained^2 + rel_error^2 = 1. From a randomized sketch it is
+        sqrt(1 - retained^2), exact in theory but resolved by fp32 singular values only to about
+        3e-4 absolute (irrelevant unless the approximation is nearly lossless).
     rank: r, the rank of the returned factors.
     norm: ||D||, to weigh layers when summarizing (see `overall`).
     """
