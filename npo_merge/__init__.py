@@ -13,6 +13,14 @@ __version__ = "0.1.0.dev0"
 
 _LAZY = {
     # name -> module that defines it
+    "load_pipeline": "npo_merge.guidance.pipeline",
+    "enable_npo": "npo_merge.guidance.pipeline",
+    "disable_npo": "npo_merge.guidance.install",
+    "set_branch_mode": "npo_merge.guidance.install",
+    "open_checkpoint": "npo_merge.io.checkpoint",
+    "read_lora": "npo_merge.io.lora",
+    "open_delta": "npo_merge.delta.files",
+    "LowRank": "npo_merge.delta.types",
 }
 
 

@@ -175,3 +175,51 @@ def _half_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).half()
+
+
+def tiny_pipeline_folder(path: Path, arch: str, *, seed: int = 0) -> Path:
+    """A complete tiny diffusers pipeline folder (tokenizers and scheduler included) saved by diffusers.
+
+    Its UNet, text encoders and VAE are `tiny_models(arch, seed)`, so `write_single_file(.., arch,
+    seed=seed)` is the same model as a single file and this folder can serve as its `config=`.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    models = tiny_models(arch, seed)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    parts = dict(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tiny_tokenizer(path / "_tok"),
+                 unet=models["unet"], scheduler=scheduler)
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder_2=models["text_encoder_2"], tokenizer_2=parts["tokenizer"], **parts)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(path / "_tok", ignore_errors=True)
+    return path
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2/CLIP) uses for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    symbols, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            symbols.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in symbols]
+
+
+def tiny_tokenizer(folder: Path, max_length: int = 77):
+    """A real CLIPTokenizer over a tiny byte-level vocabulary (a few merges), written to `folder`."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    merges = ["t h", "th e</w>", "c a", "ca t</w>"]
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *(m.replace(" ", "") for m in merges), "<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)

@@ -13,7 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import torch  # noqa: E402
+
 from npo_merge import tiny  # noqa: E402
+
+# Tiny models gain nothing from threads, and on a loaded 2-core machine oversubscribed threads make
+# a 0.2 s pipeline call take seconds.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

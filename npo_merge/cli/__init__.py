@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "npo_merge.cli.apply_cmd",
     "npo_merge.cli.convert_cmd",
     "npo_merge.cli.merge_cmd",
+    "npo_merge.cli.sample_cmd",
     "npo_merge.cli.targets_cmd",
 ]
 
