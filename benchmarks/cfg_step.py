@@ -102,7 +102,7 @@ SMOKE_UNETS = {
 }
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 LORAS = {"attn-r8": ("attention", 8), "all-r64": ("linear+conv", 64)}
-ROWS = ("two_unets", "plain", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "peft_mixed")
+ROWS = ("two_unets", "plain", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "npo_auto", "peft_mixed")
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
@@ -218,8 +218,8 @@ def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) 
     elif row in ("npo_lowrank", "npo_stacked"):
         with enable_npo(unet, deltas, mode="cfg", path=row.removeprefix("npo_"), backend="torch"):
             yield unet, [unet]
-    elif row == "npo_fused":
-        with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="fused"):
+    elif row in ("npo_fused", "npo_auto"):  # every layer fused / fused where it wins for the shape
+        with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend=row.removeprefix("npo_")):
             yield unet, [unet]
     elif row == "peft_toggle":
         with _peft_lora(unet, deltas, rank):

@@ -189,3 +189,14 @@ def test_fused_backend_dispatches_to_the_op(monkeypatch):
     wrapped.set_mode("uncond")
     wrapped(x)
     assert calls == [6, 12]
+
+
+def test_per_shape_dispatch_rule_picks_fused_for_small_layers_only() -> None:
+    from npo_merge.guidance.dual_branch import prefers_fused
+
+    assert prefers_fused(8192, 320, 320, 8)  # SD1.5 attention at 64x64 latents
+    assert prefers_fused(154, 768, 320, 8)  # cross-attention k/v over text tokens
+    assert prefers_fused(8192, 320, 2560, 8)  # narrow input, small rank
+    assert not prefers_fused(8192, 320, 2560, 64)  # ... but not at rank 64
+    assert not prefers_fused(2048, 1280, 10240, 8)  # SDXL GEGLU: cuBLAS + torch update wins
+    assert not prefers_fused(2, 1280, 1280, 8)  # time embedding: too few rows

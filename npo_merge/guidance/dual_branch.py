@@ -43,7 +43,7 @@ Strategy = Literal["lowrank", "dense", "stacked"]
 BranchPath = Literal["lowrank", "dense", "stacked"]
 PATHS: tuple[BranchPath, ...] = ("lowrank", "dense", "stacked")
 
-Backend = Literal["torch", "fused"]
+Backend = Literal["torch", "fused", "auto"]
 FUSED_OP_NAME = "npo_merge::dual_branch_linear"
 
 
@@ -219,6 +219,20 @@ def fused_entry() -> FusedLinear | None:
         return None
 
 
+# Where the fused kernel beats base GEMM + shrink/expand on an H100 (benchmarks/kernel_bench.py,
+# 2026-11-25): layers up to ~4 GFLOP with at least 64 rows (every SD1.5 attention projection,
+# cross-attention k/v over text tokens), and narrow inputs (K <= 320) at small ranks. On larger
+# layers cuBLAS's GEMM is ahead of ours and the unfused torch path wins.
+FUSED_MAX_FLOP = 4e9
+
+
+def prefers_fused(rows: int, in_features: int, out_features: int, rank: int) -> bool:
+    """Per-shape dispatch for backend "auto": is the fused kernel the faster path for this call?"""
+    if rows < 64:
+        return False
+    return 2.0 * rows * in_features * out_features <= FUSED_MAX_FLOP or (in_features <= 320 and rank <= 32)
+
+
 def fused_op_available() -> bool:
     """Whether a fused dual-branch linear is there to call (see `fused_entry`)."""
     return fused_entry() is not None
@@ -322,12 +336,13 @@ class DualBranchLinear(DualBranchLayer):
             raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
 
     def set_backend(self, backend: Backend) -> None:
-        """Pick the implementation of the 'lowrank' strategy: 'torch' or the 'fused' kernel op."""
-        if backend not in ("torch", "fused"):
-            raise InputError(f"unknown backend {backend!r}: use 'torch' or 'fused'")
-        fused = fused_entry() if backend == "fused" else None
-        if backend == "fused" and fused is None:
-            raise InputError(f"backend 'fused' needs the {FUSED_OP_NAME} op (npo_merge.guidance.kernels): use 'torch'")
+        """Pick the implementation of the 'lowrank' strategy: 'torch', the 'fused' kernel op for every
+        call, or 'auto': the fused op where `prefers_fused` says it wins for the call's shape."""
+        if backend not in ("torch", "fused", "auto"):
+            raise InputError(f"unknown backend {backend!r}: use 'torch', 'fused' or 'auto'")
+        fused = fused_entry() if backend != "torch" else None
+        if backend != "torch" and fused is None:
+            raise InputError(f"backend {backend!r} needs the {FUSED_OP_NAME} op (npo_merge.guidance.kernels): use 'torch'")
         self.backend, self.fused = backend, fused
 
     def release(self) -> nn.Module:
@@ -346,7 +361,8 @@ class DualBranchLinear(DualBranchLayer):
             return F.linear(x, self.stacked_weight[half], bias)
         if self.strategy == "dense":
             y = dense_linear(x, self.weight, self.bias, self.diff, n_uncond)
-        elif self.fused is not None:
+        elif self.fused is not None and (self.backend == "fused" or prefers_fused(
+                x.numel() // x.shape[-1], self.in_features, self.out_features, self.down.shape[0])):
             rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
             y = self.fused(x, self.weight, self.bias, self.down, self.up, self.scale, rows)
         else:

@@ -95,8 +95,9 @@ def enable_npo(
     mode: "auto" follows the pipeline's classifier-free-guidance flag ("cfg" for a bare UNet);
         "cfg", "cond", "uncond" fix the mode (see `set_branch_mode`).
     path: "lowrank" (default), "dense" or "stacked" (see `dual_branch_module`).
-    backend: for low-rank linear layers, "fused" uses torch.ops.npo_merge.dual_branch_linear;
-        "auto" picks it when that op is registered and the UNet is on CUDA, else "torch".
+    backend: for low-rank linear layers, "fused" uses torch.ops.npo_merge.dual_branch_linear for every
+        call; "auto" (on CUDA, when the op is there) uses it only where `prefers_fused` says it beats
+        cuBLAS plus the torch update for the call's shape; "torch" never uses it.
     Raises CompatibilityError naming every key that has no matching layer or the wrong shape.
     """
     pipeline, unet = _split_pipeline(pipe_or_unet)
@@ -259,9 +260,9 @@ def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 def _pick_backend(backend: str, unet: nn.Module, path: BranchPath) -> Backend:
     if backend not in ("auto", "torch", "fused"):
         raise InputError(f"unknown backend {backend!r}: use auto, torch or fused")
-    if backend == "auto":
+    if backend == "auto":  # per-shape dispatch between the fused op and torch, on CUDA only
         on_cuda = next(unet.parameters()).is_cuda
-        return "fused" if path == "lowrank" and on_cuda and fused_op_available() else "torch"
+        return "auto" if path == "lowrank" and on_cuda and fused_op_available() else "torch"
     return backend  # type: ignore[return-value]
 
 
