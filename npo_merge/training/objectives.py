@@ -20,7 +20,7 @@ from typing import Literal
 
 from npo_merge.delta.types import Role
 from npo_merge.errors import InputError
-from npo_merge.training.data import TieWinner
+from npo_merge.training.datasets import TieWinner
 from npo_merge.training.losses import BetaConvention
 
 ObjectiveName = Literal["dpo", "dpo-npo", "self-npo"]
