@@ -7,7 +7,6 @@ the SDXL transformer stacks and the text encoders are shrunk. Every builder is s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,30 +131,11 @@ def random_lora(unet: nn.Module, names: list[str], rank: int, seed: int = 0, str
 # ---------------------------------------------------------------------------------------------
 
 
-def _byte_level_chars() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255 (GPT-2/CLIP convention)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def tiny_clip_tokenizer(directory: Path):
-    """A CLIPTokenizer read from a tiny vocab.json + merges.txt written to `directory` (byte level, 3 merges)."""
-    from transformers import CLIPTokenizer
+    """A real CLIPTokenizer over a tiny byte-level vocabulary (npo_merge.tiny), max length 16."""
+    from npo_merge.tiny import tiny_tokenizer
 
-    chars = _byte_level_chars()
-    merges = ["a t</w>", "t h", "th e</w>"]
-    tokens = [*chars, *(c + "</w>" for c in chars), *(m.replace(" ", "") for m in merges)]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(directory, model_max_length=TOKENIZER_MAX_LENGTH)
+    return tiny_tokenizer(Path(directory), max_length=TOKENIZER_MAX_LENGTH)
 
 
 def _clip_text_config(tokenizer, projection_dim: int = 32):
