@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from npo_merge.errors import CompatibilityError
+from npo_merge.guidance.dual_branch import lowrank_conv2d, lowrank_linear
 
 __all__ = [
     "check_dual_linear_args",
@@ -117,14 +118,8 @@ def dual_branch_linear_unfused(
 
     The CPU implementation of the custom op and the fallback where Triton is missing.
     """
-    y = F.linear(x, weight, bias)
-    if n_uncond == 0:
-        return y
-    in_features, out_features = weight.shape[1], weight.shape[0]
-    rows_in = x.reshape(-1, in_features)[:n_uncond]
-    rows_out = y.view(-1, out_features)[:n_uncond]
-    rows_out.addmm_(rows_in @ down.t(), up.t(), alpha=scale)
-    return y
+    rows = x.reshape(-1, weight.shape[1])  # the op counts n_uncond in rows of x flattened to 2-D
+    return lowrank_linear(rows, weight, bias, down, up, scale, n_uncond).view(*x.shape[:-1], weight.shape[0])
 
 
 def _conv_factors_fit(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
@@ -176,9 +171,4 @@ def dual_branch_conv2d_unfused(
     ``n_uncond`` counts batch items (dim 0), which keeps the uncond half a contiguous slice.
     """
     _conv_factors_fit(weight, down, up)
-    y = F.conv2d(x, weight, bias, stride, padding, dilation)
-    if n_uncond == 0:
-        return y
-    update = F.conv2d(F.conv2d(x[:n_uncond], down, None, stride, padding, dilation), up)
-    y[:n_uncond].add_(update, alpha=scale)
-    return y
+    return lowrank_conv2d(x, weight, bias, down, up, scale, n_uncond, stride, padding, dilation)  # type: ignore[arg-type]
