@@ -68,6 +68,32 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path: Path, capsys: pytest.Capt
         assert err.count("\n") == 1 and err.startswith("npo-merge: error: ") and message in err and str(path) in err
 
 
+def test_every_bad_file_is_exit_1_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_safetensors_stream import BAD_FILES
+
+    from npo_merge import tiny
+
+    cases = {name: (make(tmp_path / f"{i}.safetensors"), message) for i, (name, (make, message)) in enumerate(BAD_FILES.items())}
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "evil": Payload()}, tmp_path / "evil.ckpt")
+    cases["unsafe pickle"] = (tmp_path / "evil.ckpt", "needs full unpickling")
+    save_file({"lora_unet_no_such_block.lora_down.weight": torch.zeros(2, 4),
+               "lora_unet_no_such_block.lora_up.weight": torch.zeros(4, 2)}, tmp_path / "nomatch.safetensors")
+    cases["lora matching no module"] = (tmp_path / "nomatch.safetensors", "matches no SD1/SD2/SDXL module")
+    state = tiny.to_single_file_state("sd1", tiny.canonical_state("sd1"))
+    state["model.diffusion_model.input_blocks.1.1.bogus.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "extra.safetensors")
+    cases["unmapped key"] = (tmp_path / "extra.safetensors", "model.diffusion_model.input_blocks.1.1.bogus.weight")
+    for name, (path, message) in cases.items():
+        code, out, err = _run(capsys, "inspect", str(path))
+        assert code == 1 and out == "", name
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (name, err)
+
+
 def test_usage_error_exit_2_and_debug_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "inspect")
     assert code == 2 and "usage:" in err
