@@ -1,0 +1,109 @@
+"""End-to-end sampling loops (UNet only): iterations per second of plain CFG, this project's NPO path
+and the official two-UNet approach; eager, whole-step CUDA graphs, and torch.compile.
+
+    python benchmarks/sampling_e2e.py [--models sd15,sdxl] [--compile sd15] [--runs 3]
+
+SD1.5 512x512 runs 25 steps, SDXL 1024x1024 30 steps, from the real configs with random fp16 weights
+(benchmarks/cfg_step.py builds them), NPO LoRA rank 8 on the attention projections. A step is the
+CFG UNet call(s), the guidance combination and a plain Euler-style update of the latents (the same
+for every row, standing in for the scheduler). Peak GPU memory per row. Prints a markdown table;
+writes sampling_e2e.json to $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cfg_step  # noqa: E402  (the same models, inputs, LoRAs and row builders)
+
+STEPS = {"sd15": 25, "sdxl": 30}
+ROWS = ("plain", "npo_auto", "two_unets")
+
+
+def sampling_loop(model, inputs: dict, steps: int):
+    latents0 = inputs["sample"][:1].clone()
+
+    def run() -> torch.Tensor:
+        latents = latents0.clone()
+        for _ in range(steps):
+            batch = torch.cat([latents, latents])
+            noise = cfg_step.cfg_combine(model(**{**inputs, "sample": batch}, return_dict=False)[0], cfg_step.GUIDANCE)
+            latents = latents - (1.0 / steps) * noise
+        return latents
+
+    return run
+
+
+def timed_runs(fn, runs: int) -> float:
+    """Median seconds of `runs` calls after one warm-up call (CUDA-synchronized)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--compile", default="", help="comma list of models to also run under torch.compile")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.float16
+    results = []
+    for name in args.models.split(","):
+        unet = cfg_step.build_unet(cfg_step.UNETS[name], device, dtype)
+        inputs = cfg_step.step_inputs(unet, device, dtype)
+        deltas = cfg_step.random_lora(unet, cfg_step.lora_targets(unet, "attention"), 8)
+        steps = STEPS[name]
+        for row in ROWS:
+            with cfg_step.row_model(row, unet, deltas, 8) as (model, _):
+                torch.cuda.reset_peak_memory_stats()
+                loop = sampling_loop(model, inputs, steps)
+                result = {"model": name, "row": row, "steps": steps, "eager_s": timed_runs(loop, args.runs)}
+                graph = cfg_step.capture_graph(loop)
+                result["graph_s"] = timed_runs(graph.replay, args.runs)
+                del graph
+                if name in args.compile.split(",") and row != "two_unets":
+                    compiled = torch.compile(model)
+                    compiled_loop = sampling_loop(compiled, inputs, steps)
+                    start = time.perf_counter()
+                    compiled_loop()
+                    torch.cuda.synchronize()
+                    result["compile_warmup_s"] = time.perf_counter() - start
+                    result["compiled_s"] = timed_runs(compiled_loop, args.runs)
+                result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                results.append(result)
+                print(f"[e2e] {name} {row} {result}", flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16, NPO LoRA rank 8 on attention, median of {args.runs} runs\n")
+    print("| model | steps | row | eager it/s | x plain | graph it/s | x plain | compiled it/s | x plain | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        plain = next(p for p in results if p["model"] == r["model"] and p["row"] == "plain")
+        cells = []
+        for key in ("eager_s", "graph_s", "compiled_s"):
+            if key in r and key in plain:
+                cells += [f"{r['steps'] / r[key]:.2f}", f"{r[key] / plain[key]:.3f}x time"]
+            else:
+                cells += ["-", "-"]
+        print(f"| {r['model']} | {r['steps']} | {r['row']} | " + " | ".join(cells) + f" | {r['peak_mb']:.0f} |")
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "sampling_e2e.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
