@@ -24,11 +24,12 @@ from npo_merge.errors import CompatibilityError, InputError, UsageError
 from npo_merge.io.atomic import atomic_output, check_output_path
 from npo_merge.io.checkpoint import Checkpoint
 from npo_merge.io.hashing import BackgroundHashes
-from npo_merge.io.keymap.links import KeyLink
 from npo_merge.io.dual_checkpoint import FOLDER_BRANCH_FILE, Branch, branch_specs, branch_tensors
+from npo_merge.io.keymap.links import KeyLink
 from npo_merge.io.safetensors_stream import SafetensorsWriter, TensorSpec, save_tensors
 from npo_merge.io.sources import TensorSource
 from npo_merge.progress import Progress, ProgressFactory, no_progress
+
 
 @dataclass(frozen=True)
 class Term:
@@ -153,7 +154,7 @@ def _write_source(plan: ApplyPlan, source: TensorSource, names: list[str], path:
         info = source.info(name)
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
         specs.append(TensorSpec(name, out_dtype, info.shape))
-    branch_dtype = _branch_dtype(specs)
+    branch_dtype = _branch_dtype(specs) if branch else None
     if branch:
         specs += branch_specs(branch, branch_dtype)
         metadata = {**metadata, **branch.metadata}
@@ -218,7 +219,8 @@ def apply_plan(plan: ApplyPlan, out: str | os.PathLike[str], *, dtype: torch.dty
             source = target.sources[0]
             names = sorted(source, key=lambda n: (source.info(n).start, n))
             if branch:  # a new uncond branch replaces the one the target may already carry
-                names = [n for n in names if n not in set(target.branch_names)]
+                old = set(target.branch_names)
+                names = [n for n in names if n not in old]
             bar = progress(len(names), out.name)
             try:
                 finish(_write_source(plan, source, names, out, {**source.metadata, **metadata_extra}, dtype, bar, branch))
