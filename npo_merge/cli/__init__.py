@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "npo_merge.cli.merge_cmd",
     "npo_merge.cli.sample_cmd",
     "npo_merge.cli.targets_cmd",
+    "npo_merge.cli.train_cmd",
 ]
 
 
