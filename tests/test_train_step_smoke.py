@@ -1,0 +1,38 @@
+"""benchmarks/train_step.py --smoke: the GPU benchmark's rows run end to end on a tiny CPU UNet and agree."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    spec = importlib.util.spec_from_file_location("train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_times_both_reference_modes_and_they_agree(train_step, tmp_path, capsys):
+    results = train_step.main(["--smoke", "--json", str(tmp_path / "r.json")])
+    table = capsys.readouterr().out
+    assert [r["row"] for r in results] == ["separate", "batched", "separate +ckpt", "batched +ckpt"]
+    for row in results:
+        assert f"| {row['row']} |" in table
+        assert row["ms"] > 0 and row["pairs_per_s"] > 0
+        assert row["rel_loss_err"] < 1e-5 and row["rel_grad_err"] < 1e-3, row  # the batched step is the same math
+    assert results[0]["x_separate"] == 1.0 and results[2]["x_separate"] == 1.0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["environment"]["smoke"] is True and len(saved["results"]) == 4
+
+
+def test_needs_a_gpu_without_smoke(train_step, monkeypatch):
+    monkeypatch.setattr(train_step.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train_step.parse_args([])
