@@ -21,7 +21,11 @@ hits both alike). Errors are measured on the dense reconstruction ||D - D_r|| / 
 from either method's own report; ours' reported fidelity is checked against it. Per-layer JSON
 lines go to --out; a markdown summary is printed last.
 
-    python benchmarks/extract_svd.py --rank 64 --out .bench/extract_svd.jsonl
+    python benchmarks/extract_svd.py --threads 1 --out .bench/extract_svd_t1.jsonl   # ~14 min here
+    python benchmarks/extract_svd.py --out .bench/extract_svd_t2.jsonl              # torch's 2 threads
+
+On a shared machine prefer --threads 1: with 2 OpenMP threads and other processes on the cores,
+LAPACK's many barriers make the full SVD's time erratic (a 1280 x 1280 SVD took 0.5 s to 30 s).
 """
 
 from __future__ import annotations
