@@ -20,6 +20,7 @@ gradients from one identical step are compared with the separate row's (rel_grad
   python benchmarks/train_step.py                    # H100: about a minute
   python benchmarks/train_step.py --pairs 8,16       # more batch sizes
   python benchmarks/train_step.py --smoke            # tiny UNet on the CPU, seconds: checks the wiring
+  python benchmarks/train_step.py --cpu --resolution 128 --pairs 1 --warmup 1 --iters 3   # real UNet, CPU fp32
 
 Prints a markdown table; writes train_step.json to $OUT when set (or to --json).
 """
@@ -147,9 +148,10 @@ def median_ms(step: Callable[[], None], warmup: int, iters: int, device: torch.d
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from diffusers import DDPMScheduler
 
-    device = torch.device("cpu" if args.smoke else "cuda")
-    weight_dtype = torch.float32 if args.smoke else torch.bfloat16
-    autocast_dtype = None if args.smoke else torch.bfloat16
+    on_cpu = args.smoke or args.cpu
+    device = torch.device("cpu" if on_cpu else "cuda")
+    weight_dtype = torch.float32 if on_cpu else torch.bfloat16
+    autocast_dtype = None if on_cpu else torch.bfloat16
     latent = 8 if args.smoke else args.resolution // 8
     unet = build_unet(args.smoke, device, weight_dtype)
     scheduler = DDPMScheduler(**SD15_SCHEDULER)
@@ -215,10 +217,13 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     import peft
 
     env: dict[str, Any] = {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-                           "python": platform.python_version(), "smoke": args.smoke, "resolution": args.resolution,
+                           "python": platform.python_version(), "smoke": args.smoke, "cpu": args.cpu,
+                           "resolution": args.resolution,
                            "warmup": args.warmup, "iters": args.iters}
-    if torch.cuda.is_available() and not args.smoke:
+    if torch.cuda.is_available() and not (args.smoke or args.cpu):
         env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
     return env
 
 
@@ -229,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny UNet on the CPU, fp32, 2 timed steps")
+    parser.add_argument("--cpu", action="store_true", help="the real UNet on the CPU in fp32 (FLOP-bound; use a small --resolution)")
     parser.add_argument("--json", type=Path, help="where to write the results (default: $OUT/train_step.json)")
     args = parser.parse_args(argv)
     try:
@@ -238,8 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.pairs = [min(p, 2) for p in args.pairs]
         args.warmup, args.iters = 1, 2
-    elif not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA GPU (use --smoke on the CPU)")
+    elif not args.cpu and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU (--smoke or --cpu run on the CPU)")
     return args
 
 

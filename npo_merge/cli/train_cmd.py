@@ -29,5 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from npo_merge.training.trainer import train
 
     recipe = load_train_recipe(args.recipe, args.overrides)
-    result = train(recipe.options, base_dir=recipe.base_dir, recipe_text=recipe.text, quiet=getattr(args, "quiet", False))
+    quiet = getattr(args, "quiet", False)
+    if quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from huggingface_hub.utils import disable_progress_bars
+
+        diffusers_logging.disable_progress_bar()
+        disable_progress_bars()
+    result = train(recipe.options, base_dir=recipe.base_dir, recipe_text=recipe.text, quiet=quiet)
     return print_lines(result.lines)

@@ -125,7 +125,7 @@ class TrainOptions:
     gradient_accumulation: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    ref_forward: Literal["batched", "separate"] = "batched"
+    ref_forward: Literal["separate", "batched"] = "separate"  # see training/reference.py; train_step.py measures both
     seed: int = 0
     checkpoint_every: int = 500  # updates; 0: only the final state
     keep_checkpoints: int | None = None

@@ -57,6 +57,7 @@ class Encoders:
         config = pipe.vae.config
         self.scaling_factor = float(config.scaling_factor)
         self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self._uncond: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def identity(self) -> str:
@@ -75,10 +76,10 @@ class Encoders:
 
     def uncond_text(self, n: int, kind: UncondKind) -> dict[str, torch.Tensor]:
         """The unconditional branch's text input for n rows: the encoded empty prompt, or zeros (SDXL's default)."""
-        empty = self.text([""])
-        if kind == "zeros":
-            empty = {k: torch.zeros_like(v) for k, v in empty.items()}
-        return {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()}
+        if kind not in self._uncond:
+            empty = self.text([""])
+            self._uncond[kind] = {k: torch.zeros_like(v) for k, v in empty.items()} if kind == "zeros" else empty
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond[kind].items()}
 
     @torch.no_grad()
     def latent_dist(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -55,16 +54,6 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"index": index, "caption": self.captions[index]}
-
-
-@dataclass
-class TrainData:
-    """The dataset a run iterates, its sampler, and what loading it reported."""
-
-    dataset: Dataset
-    sampler: EpochSampler
-    notes: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def open_dataset(options: TrainOptions, objective: Objective, path: Callable[[str], Path]) -> tuple[Dataset, list[str], dict[str, str]]:

@@ -12,9 +12,11 @@ Two ways to get the reference predictions, both exact:
 
 Cost (frozen base, so backward computes input gradients only): the separate way runs forward(2B rows)
 + backward(2B) + no-grad forward(2B); the batched way runs forward(4B) + backward(4B), whose reference
-rows carry zero gradients but are still computed and their activations kept. It therefore spends more
-FLOPs and activation memory and can only win where bigger batches run sufficiently more efficiently;
-benchmarks/train_step.py measures both.
+rows carry zero gradients but are still computed, and whose activations are kept for backward (about
+twice the activation memory). Autograd has no per-row requires_grad, so this is inherent to one
+batched forward. It can only win where a twice-as-tall batch runs sufficiently more efficiently
+(small models, launch-bound steps); benchmarks/train_step.py measures both. "separate" is the
+trainer's default for that reason.
 
 With gradient checkpointing the layers are re-run during backward, so the `lora_on_first_half`
 context must stay open until backward has finished; `ReferenceForward.context()` is meant to wrap

@@ -28,54 +28,37 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
-from npo_merge.delta.files import LOWRANK, provenance
 from npo_merge.delta.types import BaseFingerprint
 from npo_merge.errors import InputError
 from npo_merge.io.atomic import check_output_path
 from npo_merge.io.hashing import BackgroundHashes, fingerprint
-from npo_merge.io.lora_writer import write_lora
 from npo_merge.training.base_model import BaseModel, load_base_model
+from npo_merge.training.checkpoints import TrainState, find_checkpoint, register_lora_checkpointing, save_checkpoint
 from npo_merge.training.config import TrainOptions
 from npo_merge.training.dpo import dpo_step, pair_batch
 from npo_merge.training.encoding import Encoders
 from npo_merge.training.encoding_cache import EncodingCache
 from npo_merge.training.loader import EpochSampler, cached_dataset, open_dataset
-from npo_merge.training.lora import add_lora, load_lora_state_dict, lora_factors, lora_parameters, lora_state_dict
-from npo_merge.training.objectives import PAPER_SELF_NPO, Objective, SelfNpoSettings, get_objective
+from npo_merge.training.lora import add_lora, lora_factors, lora_parameters
+from npo_merge.training.objectives import Objective, get_objective
+from npo_merge.training.output import delta_metadata, self_npo_settings, write_delta
 from npo_merge.training.reference import ReferenceForward
 from npo_merge.training.self_npo import EmaLora, Teacher, image_batch, self_npo_step
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LORA_STATE = "lora_state.safetensors"
-CHECKPOINT_PREFIX = "step-"
+StepFn = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-@dataclass
-class TrainState:
-    """Where the run is, saved with every checkpoint: optimizer steps, epoch, micro-batches of it consumed."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
 
 
 @dataclass
@@ -89,32 +72,10 @@ class TrainResult:
     lines: list[str] = field(default_factory=list)
 
 
-def find_checkpoint(output_dir: Path, resume: str, base_dir: Path) -> Path | None:
-    """The checkpoint folder `resume` names: "latest" (None when there is none yet) or a path."""
-    if resume == "latest":
-        folders = sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))
-        return folders[-1] if folders else None
-    path = Path(resume).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    if not (path / LORA_STATE).is_file():
-        raise InputError(f"resume: {path} is not a training checkpoint (no {LORA_STATE})")
-    return path
-
-
 def _tensorboard_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def _self_npo_settings(options: TrainOptions, architecture: str) -> SelfNpoSettings:
-    paper = PAPER_SELF_NPO["sdxl" if architecture == "sdxl" else "sd1"]
-    opts = options.self_npo
-    return SelfNpoSettings(
-        w=paper.w if opts.w is None else opts.w, uncond=opts.uncond or paper.uncond,
-        num_ddim_steps=opts.num_ddim_steps, teacher_steps=opts.teacher_steps, huber_c=opts.huber_c,
-        ema_decay=opts.ema_decay,
-    )
 
 
 class Trainer:
@@ -165,17 +126,20 @@ class Trainer:
             if not _tensorboard_available():
                 raise InputError("report_to: tensorboard needs the tensorboard package (pip install tensorboard)")
             tracker = "tensorboard"
-        accelerator = Accelerator(
-            mixed_precision=opts.mixed_precision, gradient_accumulation_steps=opts.gradient_accumulation,
-            cpu=opts.cpu, log_with=tracker,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
-        )
+        try:
+            accelerator = Accelerator(
+                mixed_precision=opts.mixed_precision, gradient_accumulation_steps=opts.gradient_accumulation,
+                cpu=opts.cpu, log_with=tracker,
+                project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            )
+        except ValueError as exc:  # accelerate's process-wide state was set up differently earlier
+            raise InputError(f"accelerate: {str(exc).splitlines()[0]}") from None
         set_seed(opts.seed, device_specific=True)
         return accelerator
 
-    def _model(self, accelerator: Any) -> tuple[BaseModel, Encoders, torch.nn.Module]:
+    def _model(self, accelerator: Any, model_path: Path) -> tuple[BaseModel, Encoders, torch.nn.Module]:
         opts = self.options
-        base = load_base_model(opts.model, self.model_path, vae=opts.vae, pipeline_config=opts.pipeline_config)
+        base = load_base_model(str(model_path), self.model_path, vae=opts.vae, pipeline_config=opts.pipeline_config)
         dtype = DTYPES[accelerator.mixed_precision]
         vae_dtype = torch.float32 if base.architecture == "sdxl" and opts.vae is None else dtype
         encoders = Encoders(base.pipe, base.architecture, accelerator.device, dtype, vae_dtype)
@@ -233,79 +197,32 @@ class Trainer:
             raise InputError(f"optim.scheduler: {str(exc).splitlines()[0]}") from None
         return optimizer, scheduler
 
-    def _register_checkpointing(self, accelerator: Any, unet: torch.nn.Module, ema: EmaLora | None,
-                                base: BaseModel, hashes: BackgroundHashes | None) -> None:
-        from safetensors.torch import load_file, save_file
-
-        def save_hook(models: list, weights: list, output_dir: str) -> None:
-            weights.clear()  # the frozen UNet is not saved: only the adapter, below
-            if accelerator.is_main_process:
-                save_file(lora_state_dict(unet), str(Path(output_dir) / LORA_STATE))
-                self._write_delta(Path(output_dir) / self.out.name, unet, base, hashes)
-
-        def load_hook(models: list, input_dir: str) -> None:
-            models.clear()
-            load_lora_state_dict(unet, load_file(str(Path(input_dir) / LORA_STATE), device=str(accelerator.device)))
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
-        accelerator.register_for_checkpointing(self.state)
-        if ema is not None:
-            accelerator.register_for_checkpointing(ema)
-
-    def _save_checkpoint(self, accelerator: Any) -> None:
-        folder = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.step:06d}"
-        accelerator.save_state(str(folder))
-        keep = self.options.keep_checkpoints
-        if keep and accelerator.is_main_process:
-            for old in sorted((self.output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    # ---------------------------------------------------------------------------------- output
-
-    def _metadata(self, base: BaseModel, hashes: BackgroundHashes | None) -> dict[str, str]:
-        opts = self.options
-        extra: dict[str, str] = {
-            "objective": self.objective.name, "train_updates": str(self.state.step), "lora_rank": str(opts.lora.rank),
-            "lora_alpha": f"{opts.lora.alpha:g}", "lora_targets": json.dumps(list(opts.lora.targets)),
-            "learning_rate": f"{opts.optim.lr:g}", "lr_scheduler": opts.optim.scheduler,
-            "batch_size_total": str(opts.batch_size * opts.gradient_accumulation * self.num_processes),
-            "resolution": str(opts.data.resolution), "mixed_precision": opts.mixed_precision, "seed": str(opts.seed),
-            "train_options": json.dumps(opts.as_dict(), sort_keys=True), **self.data_metadata,
-        }
-        if self.objective.data == "pairs":
-            extra.update(dpo_beta=f"{opts.dpo.beta:g}", dpo_beta_convention=opts.dpo.convention, dpo_loss=opts.dpo.loss_type)
-        else:
-            extra.update(self_npo=json.dumps(asdict(_self_npo_settings(opts, base.architecture))), self_npo_teacher=opts.self_npo.teacher)
-        if self.recipe_text is not None:
-            extra["recipe"] = self.recipe_text
-        sha = hashes.result(base.path) if hashes is not None else None
-        return provenance(LOWRANK, self.objective.role, BaseFingerprint(base.architecture, sha, base.path.name), extra)
-
     def _write_delta(self, out: Path, unet: torch.nn.Module, base: BaseModel, hashes: BackgroundHashes | None) -> Path:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.options.save_dtype]
-        return write_lora(out, lora_factors(unet), layout=self.options.layout, architecture=base.architecture,
-                          metadata=self._metadata(base, hashes), dtype=dtype)
+        sha = hashes.result(base.path) if hashes is not None else None
+        metadata = delta_metadata(self.options, self.objective, BaseFingerprint(base.architecture, sha, base.path.name),
+                                  updates=self.state.step, processes=self.num_processes, data=self.data_metadata,
+                                  recipe_text=self.recipe_text)
+        return write_delta(out, unet, self.options, base.architecture, metadata)
 
     # ---------------------------------------------------------------------------------- the loop
 
-    def _check_inputs(self) -> None:
-        """Fail before loading any model when a data path or the output folder is missing."""
+    def _check_inputs(self) -> Path:
+        """Resolve the model and fail before loading anything when a data path or the output is unusable."""
         for key in ("pairs", "images", "captions"):
             spec = getattr(self.options.data, key)
             if spec and self.objective.data == ("pairs" if key == "pairs" else "captions") and not self.path(spec).exists():
                 raise InputError(f"data.{key}: {self.path(spec)} does not exist")
-        if not self.out.parent.is_dir():
-            raise InputError(f"out: {self.out.parent} does not exist")
+        model = self.model_path(self.options.model)
+        check_output_path(self.out, [model])
+        return model
 
     def run(self) -> TrainResult:
         opts = self.options
-        self._check_inputs()
+        model_path = self._check_inputs()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         accelerator = self._accelerator()
         self.num_processes = accelerator.num_processes
-        base, encoders, unet = self._model(accelerator)
-        check_output_path(self.out, [base.path])
+        base, encoders, unet = self._model(accelerator, model_path)
         with ExitStack() as stack:
             hashes = stack.enter_context(BackgroundHashes([base.path])) if accelerator.is_main_process else None
             loader, sampler = self._data(accelerator, base, encoders)
@@ -316,7 +233,8 @@ class Trainer:
                 ema = EmaLora(params, opts.self_npo.ema_decay)
             model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
             unet = accelerator.unwrap_model(model)
-            self._register_checkpointing(accelerator, unet, ema, base, hashes)
+            register_lora_checkpointing(accelerator, unet, [self.state] + ([ema] if ema is not None else []),
+                                        on_save=lambda folder: self._write_delta(folder / self.out.name, unet, base, hashes))
             if opts.resume:
                 checkpoint = find_checkpoint(self.output_dir, opts.resume, self.base_dir)
                 if checkpoint is None:
@@ -338,8 +256,8 @@ class Trainer:
         return TrainResult(self.out, self.output_dir, self.state.step, self.history, lines)
 
     def _step_function(self, model: torch.nn.Module, unet: torch.nn.Module, encoders: Encoders, base: BaseModel,
-                       ema: EmaLora | None) -> Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor], Any]]:
-        """batch -> (loss, metrics, context to hold open over forward and backward)."""
+                       ema: EmaLora | None) -> tuple[StepFn, Callable[[], ContextManager[Any]]]:
+        """(batch -> (loss, metrics), the context to hold open over that call and its backward)."""
         from diffusers import DDPMScheduler
 
         opts = self.options
@@ -354,7 +272,7 @@ class Trainer:
                               "model_mse": stats.model_mse, "ref_mse": stats.ref_mse}
 
             return pairs_step, reference.context
-        settings = _self_npo_settings(opts, base.architecture)
+        settings = self_npo_settings(opts, base.architecture)
         teacher = Teacher(unet, ema)
         factor = 2 ** (len(base.pipe.vae.config.block_out_channels) - 1)
         latent_shape = (unet.config.in_channels, self.size[0] // factor, self.size[1] // factor)
@@ -366,12 +284,12 @@ class Trainer:
         return self_npo, nullcontext
 
     def _loop(self, accelerator: Any, model: torch.nn.Module, optimizer: Any, loader: Any, lr_scheduler: Any,
-              params: list[torch.nn.Parameter], step_fn: Any, ema: EmaLora | None, base: BaseModel,
-              unet: torch.nn.Module) -> None:
+              params: list[torch.nn.Parameter], step: tuple[StepFn, Callable[[], ContextManager[Any]]],
+              ema: EmaLora | None, base: BaseModel, unet: torch.nn.Module) -> None:
         from tqdm.auto import tqdm
 
         opts = self.options
-        compute, context = step_fn
+        compute, context = step
         bar = tqdm(total=opts.updates, initial=self.state.step, desc=f"train {self.objective.name}", unit="step",
                    disable=self.quiet or not accelerator.is_main_process, dynamic_ncols=True, leave=False)
         totals: dict[str, torch.Tensor] = {}
@@ -402,7 +320,7 @@ class Trainer:
                     self._log(accelerator, totals, micro, lr_scheduler, bar)
                     totals, micro = {}, 0
                     if self.state.step == opts.updates or (opts.checkpoint_every and self.state.step % opts.checkpoint_every == 0):
-                        self._save_checkpoint(accelerator)
+                        save_checkpoint(accelerator, self.output_dir, self.state.step, self.options.keep_checkpoints)
                     if opts.validation.every and self.state.step % opts.validation.every == 0:
                         self._validate(accelerator, base, unet)
                     if self.state.step >= opts.updates:
@@ -438,7 +356,7 @@ class Trainer:
         if accelerator.is_main_process:
             opts = self.options.validation
             size = (opts.resolution, opts.resolution) if opts.resolution else self.size
-            out = self.output_dir / "samples" / f"{CHECKPOINT_PREFIX}{self.state.step:06d}"
+            out = self.output_dir / "samples" / f"step-{self.state.step:06d}"
             devices = [accelerator.device] if accelerator.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), accelerator.autocast():
                 unet.eval()
