@@ -20,6 +20,7 @@ import torch
 
 from npo_merge.apply import ApplyPlan, Term, summed_delta
 from npo_merge.delta.files import lora_representable
+from npo_merge.delta.ops import all_finite
 from npo_merge.delta.lowrank import Fidelity, concat, factorize, overall, recompress
 from npo_merge.delta.types import LowRank
 from npo_merge.errors import CompatibilityError, InputError, UsageError
@@ -154,7 +155,7 @@ def build_branch(
     report.modules = len(branch.modules)
     for values in (*branch.weights.values(), *branch.biases.values()):
         tensors = (values.down, values.up) if isinstance(values, LowRank) else (values,)
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        if not all(all_finite(t) for t in tensors):
             raise InputError("the uncond-branch difference contains NaN or Inf; check the negative deltas")
     branch.metadata = branch_metadata(eta=options.eta, beta=options.beta, guidance_scale=options.guidance_scale,
                                       modules=report.modules)
@@ -171,7 +172,8 @@ def _add_beta_terms(plan: ApplyPlan, base: Checkpoint, beta: float, dense: dict[
         for key in keys:
             theta_c = target.tensor(key).float()
             if key in plan.touched:
-                theta_c.add_(summed_delta(plan, key))
+                delta, scale = summed_delta(plan, key)
+                theta_c.add_(delta, alpha=scale)
             diff = theta_c.sub_(base.tensor(key).float()).mul_(-beta)
             bar.update()
             if not bool(diff.any()):

@@ -260,3 +260,12 @@ def test_disk_full_leaves_no_partial_output_and_inputs_intact(pair: dict[str, Pa
     assert out.read_bytes() == b"an older result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "out.safetensors"]
     assert {p: _sha(p) for p in hashes} == hashes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_in_place_reduced_precision_add_equals_the_fp32_path(dtype: torch.dtype) -> None:
+    """apply's fast path relies on this: x.add_(d) in fp16/bf16 rounds x + d (computed in fp32) once."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 20, generator=gen).to(dtype)
+    d = (torch.randn(1 << 20, generator=gen) * 1e-3).to(dtype)
+    assert torch.equal(x.clone().add_(d), (x.float() + d.float()).to(dtype))

@@ -192,3 +192,14 @@ def test_dare_ties_equals_dare_masks_then_sign_election() -> None:
     # sum 1.2 + 1.1 - 6 < 0, so only d3 agrees -> -6; entry 0: 1 + 2 - 4 < 0 -> -4
     plain = ops.dare_ties(TIES_DELTAS, drop_rate=0.0, generator=ops.seeded_generator(0))
     assert plain[6].item() == -6.0 and plain[0].item() == -4.0
+
+
+def test_all_finite_catches_nan_and_inf_and_survives_overflowing_sums() -> None:
+    from npo_merge.delta.ops import all_finite
+
+    assert all_finite(torch.randn(100, 100))
+    assert all_finite(torch.full((4,), 3e38))  # the fp32 sum overflows; the values are finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1000)
+        x[517] = bad
+        assert not all_finite(x) and not all_finite(x.half())

@@ -160,7 +160,7 @@ def _dense(deltas: Sequence[Delta], weights: Sequence[float], keys: list[str], o
         for key in keys:
             tensors = [d.dense(key) if key in d.keys else torch.zeros(_shape(deltas, key)) for d in deltas]
             for delta, tensor in zip(deltas, tensors):
-                if not bool(torch.isfinite(tensor).all()):
+                if not ops.all_finite(tensor):
                     raise InputError(f"{delta.path}: delta for {key!r} contains NaN or Inf")
             merged = combine_tensors(tensors, weights, options, key)
             if writer is not None:

@@ -74,13 +74,18 @@ class Delta:
     def architecture(self) -> str:
         return self.architectures[0] if len(self.architectures) == 1 else " or ".join(self.architectures)
 
-    def dense(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The dense fp32 delta of one canonical tensor, or of rows [start, stop) of it."""
+    def dense(self, key: str, rows: tuple[int, int] | None = None, *, stored_dtype: bool = False) -> torch.Tensor:
+        """The dense fp32 delta of one canonical tensor, or of rows [start, stop) of it.
+
+        `stored_dtype` returns a full delta as stored (e.g. fp16), for callers that add it in one
+        fused step computed in fp32 (saves a conversion pass); LoRA deltas are always fp32.
+        """
         if key not in self.keys:
             raise KeyMappingError(f"{self.path}: no delta for {key!r}")
         if self._lora is None:
             assert self._reader is not None
-            return self._reader.tensor(key, rows).float()
+            stored = self._reader.tensor(key, rows)
+            return stored if stored_dtype else stored.float()
         factors = self.lowrank(key.rsplit(".", 1)[0])
         if rows is None:
             return factors.to_dense()
