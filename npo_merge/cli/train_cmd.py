@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("recipe", type=Path, help="a train recipe (see recipes/sd15-dpo-npo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe option, dotted for sections: --set steps=100 --set dpo.beta=1000 (repeatable)")
+                        help="override a recipe option, dotted for sections: --set updates=100 --set dpo.beta=1000 (repeatable)")
     parser.set_defaults(func=run)
 
 

@@ -97,6 +97,7 @@ class Trainer:
         self.state = TrainState()
         self.history: list[dict[str, float]] = []
         self.data_metadata: dict[str, str] = {}
+        self.num_processes = 1
 
     # ---------------------------------------------------------------------------------- paths
 
