@@ -121,3 +121,26 @@ def test_bad_headers_are_rejected_with_a_clear_message(tmp_path: Path, case: str
     path = make(tmp_path / "bad.safetensors")
     with pytest.raises(FormatError, match=message):
         read_header(path)
+
+
+def test_a_failing_background_write_surfaces_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from npo_merge.io import safetensors_stream
+
+    original = safetensors_stream.SafetensorsWriter._write_all
+    calls = {"n": 0}
+
+    def disk_full(self, data):  # the header and one tensor fit, then the disk is full
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(safetensors_stream.SafetensorsWriter, "_write_all", disk_full)
+    specs = [TensorSpec(f"t{i}", torch.float32, (1024,)) for i in range(6)]
+    with pytest.raises(OSError, match="No space left"):
+        with SafetensorsWriter(tmp_path / "out.safetensors", specs) as writer:
+            for spec in specs:
+                writer.write(spec.name, torch.ones(1024))
+    assert list(tmp_path.iterdir()) == []

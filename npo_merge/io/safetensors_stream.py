@@ -12,7 +12,9 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping
@@ -299,6 +301,10 @@ class SafetensorsWriter:
     folder, renamed into place by `close()`/the context manager only if every tensor was written;
     on any error the temporary file is removed and the destination is untouched. Same inputs give
     byte-identical files.
+
+    Bytes go to disk on a background thread (file writes release the GIL), so the caller computes
+    the next tensor while the last one is written; at most one tensor waits in between. A tensor
+    handed to `write()` must not be modified afterwards.
     """
 
     def __init__(self, path: str | os.PathLike[str], specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None):
@@ -309,6 +315,8 @@ class SafetensorsWriter:
         header, _ = _header_bytes(self._specs, self._metadata)
         self._header = header
         self._target = AtomicTarget(self.path)
+        self._pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
         try:
             # Unbuffered: tensors are large single writes, and Python's buffered writer slows them
             # down by more than 2x on this kind of machine.
@@ -317,6 +325,24 @@ class SafetensorsWriter:
         except BaseException:
             self._target.discard()
             raise
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (tensor := self._pending.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write_all(tensor.view(-1).view(torch.uint8).numpy().data)  # no intermediate copy
+                except BaseException as exc:  # reported to the caller at its next write/close
+                    self._error = exc
+
+    def _flush_pending(self) -> None:
+        """Wait until every handed-over tensor is on disk; re-raise a write error."""
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next declared tensor; dtype and shape must match the declaration."""
@@ -329,9 +355,11 @@ class SafetensorsWriter:
             raise InputError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, declared {spec.dtype} {spec.shape}"
             )
+        if self._error is not None:
+            raise self._error
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._write_all(data.view(-1).view(torch.uint8).numpy().data)  # no intermediate copy
+            self._pending.put(data)
         self._next += 1
 
     def _write_all(self, data: bytes | memoryview) -> None:
@@ -346,6 +374,7 @@ class SafetensorsWriter:
         For values known only at the end (e.g. sha256 digests computed while streaming): write a
         placeholder of the final length up front, patch it before close().
         """
+        self._flush_pending()
         old = self._metadata.get(key)
         if old is None or len(json.dumps(old)) != len(json.dumps(value)):
             raise ValueError(f"metadata {key!r}: the patch must replace an existing value of the same length")
@@ -364,6 +393,11 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         """Finish: check completeness, close, and rename into place."""
+        try:
+            self._flush_pending()
+        except BaseException:
+            self.abort()
+            raise
         if self._next != len(self._specs):
             missing = self._specs[self._next].name
             self.abort()
@@ -375,6 +409,11 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Discard everything written; the destination stays as it was."""
+        self._error = self._error or InputError("aborted")  # the writer thread skips what is left
+        try:
+            self._flush_pending()
+        except BaseException:
+            pass
         if not self._file.closed:
             self._file.close()
         self._target.discard()
