@@ -34,7 +34,7 @@ from npo_merge.training.config import ATTENTION_TARGETS, DataOptions, DpoOptions
 from npo_merge.training.datasets import PairDataset
 from npo_merge.training.dpo import pair_batch, dpo_step
 from npo_merge.training.encoding import Encoders
-from npo_merge.training.loader import EpochSampler
+from npo_merge.training.loader import EpochSampler, set_epoch
 from npo_merge.training.lora import add_lora, load_lora_state_dict, lora_parameters
 from npo_merge.training.pair_sources import open_pair_jsonl
 from npo_merge.training.reference import ReferenceForward, adapters_disabled, lora_on_first_half
@@ -258,6 +258,21 @@ def test_resume_equals_an_uninterrupted_run_and_skips_seen_batches_unread(ws, tm
     for key in want:
         assert torch.equal(got[key], want[key]), key
     assert [row["loss"] for row in resumed.history] == [row["loss"] for row in full.history[3:]]
+
+
+def test_sharded_loaders_get_the_epoch_into_the_dataset(ws):
+    from accelerate.data_loader import prepare_data_loader
+
+    dataset = PairDataset(open_pair_jsonl(ws.pairs), SIZE, random_flip=True)
+    sampler = EpochSampler(len(dataset), 0)
+    loader = prepare_data_loader(DataLoader(dataset, batch_size=2, sampler=sampler), num_processes=2, process_index=1,
+                                 put_on_device=False)
+    loader.set_epoch(3)
+    assert sampler.epoch == 3 and dataset.epoch == 0  # accelerate leaves a sharded loader's dataset behind
+    set_epoch(loader, 5, sampler, dataset)
+    assert sampler.epoch == dataset.epoch == 5
+    batch = next(iter(loader))
+    assert batch["flip"].tolist() == [dataset.flip_for(i) for i in batch["index"].tolist()]
 
 
 # --------------------------------------------------------------------------------------------

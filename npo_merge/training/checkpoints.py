@@ -72,7 +72,7 @@ def register_lora_checkpointing(accelerator: Any, unet: torch.nn.Module, objects
 
     def load_hook(models: list, input_dir: str) -> None:
         models.clear()
-        load_lora_state_dict(unet, load_file(str(Path(input_dir) / LORA_STATE), device=str(accelerator.device)))
+        load_lora_state_dict(unet, load_file(str(Path(input_dir) / LORA_STATE)))  # copied onto the params' device
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -43,6 +43,20 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
+def set_epoch(loader: Any, epoch: int, sampler: EpochSampler, dataset: Dataset) -> None:
+    """Select `epoch`'s order and random flips for an accelerate-prepared loader.
+
+    accelerate's DataLoaderShard.set_epoch reaches the sampler, but once the loader is sharded over
+    several processes (BatchSamplerShard) it no longer calls the dataset's set_epoch, so the flips
+    would stay those of epoch 0 and a resumed run would see other flips than an uninterrupted one.
+    The sampler and the dataset are therefore told directly.
+    """
+    loader.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
 class CaptionDataset(Dataset):
     """Captions without images (image-free Self-NPO): items {"index", "caption"}."""
 

@@ -46,7 +46,7 @@ from npo_merge.training.config import TrainOptions
 from npo_merge.training.dpo import dpo_step, pair_batch
 from npo_merge.training.encoding import Encoders
 from npo_merge.training.encoding_cache import EncodingCache
-from npo_merge.training.loader import EpochSampler, cached_dataset, open_dataset
+from npo_merge.training.loader import EpochSampler, cached_dataset, open_dataset, set_epoch
 from npo_merge.training.lora import add_lora, lora_factors, lora_parameters
 from npo_merge.training.objectives import Objective, get_objective
 from npo_merge.training.output import delta_metadata, self_npo_settings, write_delta
@@ -177,6 +177,7 @@ class Trainer:
             for line in lines:
                 self.notes(line)
         sampler = EpochSampler(len(dataset), opts.seed, block_ids)
+        self.sampler, self.sampler_dataset = sampler, dataset
         # its own generator: a DataLoader draws a base seed per epoch, which must not come from the global RNG
         # (the noise stream), or a resumed run would draw it at a different point than an uninterrupted one
         loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.data.num_workers,
@@ -238,11 +239,12 @@ class Trainer:
                                         on_save=lambda folder: self._write_delta(folder / self.out.name, unet, base, hashes))
             if opts.resume:
                 checkpoint = find_checkpoint(self.output_dir, opts.resume, self.base_dir)
-                if checkpoint is None:
+                if checkpoint is None and accelerator.is_main_process:
                     self.notes(f"resume: no checkpoint in {self.output_dir / 'checkpoints'} yet; starting a new run")
-                else:
+                elif checkpoint is not None:
                     accelerator.load_state(str(checkpoint))
-                    self.notes(f"resumed from {checkpoint} at step {self.state.step}")
+                    if accelerator.is_main_process:
+                        self.notes(f"resumed from {checkpoint} at step {self.state.step}")
             if accelerator.is_main_process:
                 accelerator.init_trackers("npo_merge_train", config=_flat_config(opts.as_dict()))
             step_fn = self._step_function(model, unet, encoders, base, ema)
@@ -297,7 +299,7 @@ class Trainer:
         micro = 0
         try:
             while self.state.step < opts.updates:
-                loader.set_epoch(self.state.epoch)
+                set_epoch(loader, self.state.epoch, self.sampler, self.sampler_dataset)
                 batches = accelerator.skip_first_batches(loader, self.state.batch_in_epoch) if self.state.batch_in_epoch else loader
                 for batch in batches:
                     self.state.batch_in_epoch += 1
