@@ -260,6 +260,24 @@ def test_resume_equals_an_uninterrupted_run_and_skips_seen_batches_unread(ws, tm
     assert [row["loss"] for row in resumed.history] == [row["loss"] for row in full.history[3:]]
 
 
+def test_encoding_cache_is_filled_once_and_then_read_without_images(ws, tmp_path, monkeypatch):
+    reads = []
+    original = datasets.read_image_bytes
+    monkeypatch.setattr(datasets, "read_image_bytes", lambda source, where: reads.append(where) or original(source, where))
+    data = DataOptions(pairs=str(ws.pairs), resolution=SIZE, cache=str(tmp_path / "cache"))
+    notes: list[str] = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        result = train(_options(ws, "dpo-npo", tmp_path / name / "npo.safetensors", data=data, batch_size=4, updates=2),
+                       quiet=True, notes=notes.append)
+        assert all(math.isfinite(row["loss"]) for row in result.history)
+        if name == "first":
+            assert len(reads) == 2 * 8  # every image of the 8 pairs, once
+            reads.clear()
+    assert reads == []  # the second run reused the index: no image read, decoded or encoded
+    assert any("items encoded or found" in line for line in notes) and any("reused index-" in line for line in notes)
+
+
 def test_sharded_loaders_get_the_epoch_into_the_dataset(ws):
     from accelerate.data_loader import prepare_data_loader
 
