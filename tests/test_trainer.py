@@ -361,6 +361,26 @@ def test_self_npo_trains_from_images_or_captions(ws, tmp_path, source, teacher):
         assert any(delta.lowrank(m).up.abs().max() > 0 for m in delta.modules)  # the adapter moved off zero
 
 
+def test_sdxl_trains_with_per_image_micro_conditioning(ws, tmp_path):
+    model = tiny_pipeline_folder(tmp_path / "tiny-sdxl", "sdxl")
+    opts = _options(ws, "dpo-npo", tmp_path / "xl.safetensors", model=str(model), batch_size=2, updates=2,
+                    ref_forward="batched", lora=LoraOptions(), dpo=DpoOptions(beta=2000.0, convention="official"))
+    result = train(opts, quiet=True, notes=lambda _: None)
+    assert all(math.isfinite(row["loss"]) for row in result.history)
+    with open_delta(result.out) as delta:
+        assert delta.architectures == ("sdxl",) and delta.metadata["npo_merge.dpo_beta_convention"] == "official"
+    # winner and loser carry their own original size in time_ids
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    encoders = Encoders(pipe, "sdxl", torch.device("cpu"), torch.float32, torch.float32)
+    cond = encoders.conditioning(encoders.text(["a", "b"]), (SIZE, SIZE), torch.tensor([[48, 64], [32, 32]]),
+                                 torch.tensor([[8, 0], [0, 0]]))
+    assert cond.added_cond_kwargs["time_ids"].tolist() == [[48, 64, 8, 0, SIZE, SIZE], [32, 32, 0, 0, SIZE, SIZE]]
+    assert cond.added_cond_kwargs["text_embeds"].shape == (2, 32) and cond.encoder_hidden_states.shape == (2, 77, 64)
+    assert float(encoders.uncond_text(2, "zeros")["pooled_prompt_embeds"].abs().max()) == 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # The CLI
 # --------------------------------------------------------------------------------------------
