@@ -100,8 +100,11 @@ def _implicit_accuracy(ws: SimpleNamespace, pipe, draws: int = 24) -> float:
 def runs(ws: SimpleNamespace) -> dict[str, object]:
     notes: list[str] = []
     out = {}
+    # the batched reference forward (cheaper for a model this small) and the encoding cache (shared by both runs)
+    data = DataOptions(pairs=str(ws.pairs), resolution=SIZE, cache=str(ws.root / "cache"))
     for objective in ("dpo", "dpo-npo"):
-        out[objective] = train(_options(ws, objective, ws.root / f"{objective}.safetensors"), quiet=True, notes=notes.append)
+        out[objective] = train(_options(ws, objective, ws.root / f"{objective}.safetensors", ref_forward="batched", data=data),
+                               quiet=True, notes=notes.append)
     out["notes"] = notes
     return out
 
