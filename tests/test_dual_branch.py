@@ -191,6 +191,31 @@ def test_fused_backend_dispatches_to_the_op(monkeypatch):
     assert calls == [6, 12]
 
 
+def test_auto_backend_takes_the_fused_op_in_eager_only_where_the_shape_favours_it(monkeypatch):
+    """'auto' follows prefers_fused in eager mode; under torch.compile it leaves the torch ops to Inductor."""
+    layer, x = _layer("linear3d")
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    calls = []
+
+    def fake_op(x, weight, bias, down, up, scale, n_rows):
+        calls.append(n_rows)
+        return lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale, n_rows).reshape(*x.shape[:-1], -1)
+
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: fake_op)
+    wrapped.set_backend("auto")
+    expected = lowrank_linear(x, layer.weight, layer.bias, wrapped.down, wrapped.up, wrapped.scale, 2)
+    for favoured in (False, True):
+        monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, favoured=favoured: favoured)
+        torch.testing.assert_close(wrapped(x), expected)
+    assert calls == [6]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(wrapped(x), expected)
+    assert calls == [6]  # compiling: the torch path even where eager would take the op
+    wrapped.set_backend("fused")
+    wrapped(x)
+    assert calls == [6, 6]  # a forced backend is kept under compile too
+
+
 def test_per_shape_dispatch_rule_picks_fused_for_small_layers_only() -> None:
     from npo_merge.guidance.dual_branch import prefers_fused
 

@@ -351,6 +351,18 @@ class DualBranchLinear(DualBranchLayer):
             self.weight.data = self.weight.data.clone()
         return self.original
 
+    def _takes_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call goes to the fused op: always with backend 'fused'; with 'auto' where the shape
+        favours it in eager mode, never under torch.compile (Inductor plans the plain torch ops itself, while
+        an opaque op costs Python dispatch time on every call of the compiled graph)."""
+        if self.fused is None:
+            return False
+        if self.backend == "fused":
+            return True
+        if torch.compiler.is_compiling():
+            return False
+        return prefers_fused(x.numel() // x.shape[-1], self.in_features, self.out_features, self.down.shape[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_uncond = uncond_rows(x.shape[0], self.mode)
         if self.strategy == "stacked" and n_uncond not in (0, x.shape[0]):
@@ -361,8 +373,7 @@ class DualBranchLinear(DualBranchLayer):
             return F.linear(x, self.stacked_weight[half], bias)
         if self.strategy == "dense":
             y = dense_linear(x, self.weight, self.bias, self.diff, n_uncond)
-        elif self.fused is not None and (self.backend == "fused" or prefers_fused(
-                x.numel() // x.shape[-1], self.in_features, self.out_features, self.down.shape[0])):
+        elif self._takes_fused(x):
             rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
             y = self.fused(x, self.weight, self.bias, self.down, self.up, self.scale, rows)
         else:
