@@ -351,35 +351,40 @@ class DualBranchLinear(DualBranchLayer):
             self.weight.data = self.weight.data.clone()
         return self.original
 
-    def _takes_fused(self, x: torch.Tensor) -> bool:
+    def _takes_fused(self, x: torch.Tensor, rank: int) -> bool:
         """Whether this call goes to the fused op: always with backend 'fused'; with 'auto' where the shape
         favours it in eager mode, never under torch.compile (Inductor plans the plain torch ops itself, while
         an opaque op costs Python dispatch time on every call of the compiled graph)."""
-        if self.fused is None:
-            return False
         if self.backend == "fused":
             return True
         if torch.compiler.is_compiling():
             return False
-        return prefers_fused(x.numel() // x.shape[-1], self.in_features, self.out_features, self.down.shape[0])
+        return prefers_fused(x.numel() // x.shape[-1], self.in_features, self.out_features, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eager sampling is host-bound, so this runs once per layer per step with as little Python as it
+        # can: tensors come straight from the registries (Module.__getattr__ costs ~1 us a lookup).
         n_uncond = uncond_rows(x.shape[0], self.mode)
-        if self.strategy == "stacked" and n_uncond not in (0, x.shape[0]):
-            return stacked_linear(x, self.stacked_weight, self.stacked_bias)
-        if self.strategy == "stacked":
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        if self.strategy == "lowrank":
+            down, up = buffers["down"], buffers["up"]
+            if self.fused is not None and self._takes_fused(x, down.shape[0]):
+                rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
+                y = self.fused(x, weight, bias, down, up, self.scale, rows)
+            else:
+                y = lowrank_linear(x, weight, bias, down, up, self.scale, n_uncond)
+        elif self.strategy == "dense":
+            y = dense_linear(x, weight, bias, buffers["diff"], n_uncond)
+        else:  # stacked: W_u and W_c in one tensor, bias_diff folded into the stacked bias
+            stacked_weight, stacked_bias = buffers["stacked_weight"], buffers["stacked_bias"]
+            if n_uncond not in (0, x.shape[0]):
+                return stacked_linear(x, stacked_weight, stacked_bias)
             half = 0 if n_uncond else 1
-            bias = self.stacked_bias[half] if self.stacked_bias is not None else None
-            return F.linear(x, self.stacked_weight[half], bias)
-        if self.strategy == "dense":
-            y = dense_linear(x, self.weight, self.bias, self.diff, n_uncond)
-        elif self._takes_fused(x):
-            rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
-            y = self.fused(x, self.weight, self.bias, self.down, self.up, self.scale, rows)
-        else:
-            y = lowrank_linear(x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond)
-        if self.bias_diff is not None and n_uncond > 0:
-            y[:n_uncond].add_(self.bias_diff)
+            return F.linear(x, stacked_weight[half], None if stacked_bias is None else stacked_bias[half])
+        bias_diff = buffers["bias_diff"]
+        if bias_diff is not None and n_uncond > 0:
+            y[:n_uncond].add_(bias_diff)
         return y
 
 
@@ -428,16 +433,17 @@ class DualBranchConv2d(DualBranchLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_uncond = uncond_rows(x.shape[0], self.mode)
+        params, buffers = self._parameters, self._buffers  # see DualBranchLinear.forward
+        weight, bias = params["weight"], params["bias"]
         if self.strategy == "lowrank":
-            y = lowrank_conv2d(
-                x, self.weight, self.bias, self.down, self.up, self.scale, n_uncond, self.stride, self.padding, self.dilation
-            )
+            y = lowrank_conv2d(x, weight, bias, buffers["down"], buffers["up"], self.scale, n_uncond, self.stride,
+                               self.padding, self.dilation)
         else:
-            y = dense_conv2d(
-                x, self.weight, self.bias, self.diff, n_uncond, self.stride, self.padding, self.dilation, self.groups
-            )
-        if self.bias_diff is not None and n_uncond > 0:
-            y[:n_uncond].add_(self.bias_diff.view(-1, 1, 1))
+            y = dense_conv2d(x, weight, bias, buffers["diff"], n_uncond, self.stride, self.padding, self.dilation,
+                             self.groups)
+        bias_diff = buffers["bias_diff"]
+        if bias_diff is not None and n_uncond > 0:
+            y[:n_uncond].add_(bias_diff.view(-1, 1, 1))
         return y
 
 
