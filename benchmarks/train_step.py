@@ -23,7 +23,7 @@ throughput relative to `script` with the same checkpointing setting, and peak me
 gradients from one identical step are compared with the script row's (rel_grad_err: ||g - g_script|| /
 ||g_script|| over all LoRA gradients concatenated).
 
-  python benchmarks/train_step.py                    # H100: about a minute
+  python benchmarks/train_step.py                    # H100: about two minutes
   python benchmarks/train_step.py --pairs 8,16       # more batch sizes
   python benchmarks/train_step.py --smoke            # tiny models on the CPU, seconds: checks the wiring
   python benchmarks/train_step.py --cpu --resolution 128 --pairs 1 --warmup 1 --iters 3   # real models, CPU fp32
