@@ -95,11 +95,10 @@ def data_batches(encoders: Encoders, pairs: int, resolution: int, autocast_dtype
     pixels = torch.rand(2 * pairs, 3, resolution, resolution, generator=gen).mul_(2).sub_(1)
     captions = [f"a photo of cat number {i}" for i in range(pairs)]
     winners, losers = pixels[:pairs], pixels[pairs:]
-    device = encoders.device
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            cached = {"winner": {k: v.cpu() for k, v in encoders.latent_dist(winners).items()},
-                  "loser": {k: v.cpu() for k, v in encoders.latent_dist(losers).items()},
-                  "text": {k: v.cpu() for k, v in encoders.text(captions).items()}}
+    with torch.autocast(encoders.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        encoded = {"winner": encoders.latent_dist(winners), "loser": encoders.latent_dist(losers),
+                   "text": encoders.text(captions)}
+    cached = {part: {k: v.cpu() for k, v in tensors.items()} for part, tensors in encoded.items()}
     return {"pixels": {"winner": winners, "loser": losers, "caption": captions}, "cached": cached}
 
 
