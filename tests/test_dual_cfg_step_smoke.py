@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from tiny_models import one_torch_thread
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cfg_step.py"
-
+from tiny_models import load_benchmark, one_torch_thread
 
 @pytest.fixture(scope="module")
 def cfg_step():
-    spec = importlib.util.spec_from_file_location("cfg_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cfg_step")
 
 
 def test_smoke_run_times_every_row_and_rows_agree(cfg_step, tmp_path, capsys):
