@@ -7,6 +7,7 @@ import json
 import pytest
 from tiny_models import load_benchmark, one_torch_thread
 
+
 @pytest.fixture(scope="module")
 def cfg_step():
     return load_benchmark("cfg_step")
