@@ -2,12 +2,18 @@
 and the official two-UNet approach; eager, whole-step CUDA graphs, and torch.compile.
 
     python benchmarks/sampling_e2e.py [--models sd15,sdxl] [--compile sd15] [--runs 3]
+    python benchmarks/sampling_e2e.py --eager-pairs 7      # eager only: plain and NPO loops alternated
 
 SD1.5 512x512 runs 25 steps, SDXL 1024x1024 30 steps, from the real configs with random fp16 weights
 (benchmarks/cfg_step.py builds them), NPO LoRA rank 8 on the attention projections. A step is the
 CFG UNet call(s), the guidance combination and a plain Euler-style update of the latents (the same
 for every row, standing in for the scheduler). Peak GPU memory per row. Prints a markdown table;
 writes sampling_e2e.json to $OUT when set.
+
+Eager loops are host-bound, and on a shared host their time drifts by tens of percent between
+consecutive runs, so --eager-pairs N alternates a plain and an NPO loop N times (NPO installed
+afresh and warmed up each time) and reports the median of the per-pair time ratios and the ratio of
+the fastest runs (the least disturbed by other work on the host).
 """
 
 from __future__ import annotations
@@ -57,12 +63,45 @@ def timed_runs(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def eager_pairs(name: str, pairs: int, row: str = "npo_auto") -> dict:
+    """Median per-pair ratio of NPO to plain eager loop time, pairs run back to back."""
+    device, dtype = torch.device("cuda"), torch.float16
+    unet = cfg_step.build_unet(cfg_step.UNETS[name], device, dtype)
+    inputs = cfg_step.step_inputs(unet, device, dtype)
+    deltas = cfg_step.random_lora(unet, cfg_step.lora_targets(unet, "attention"), 8)
+    steps = STEPS[name]
+    plain_s, npo_s = [], []
+    for _ in range(pairs):
+        plain_s.append(timed_runs(sampling_loop(unet, inputs, steps), 1))
+        with cfg_step.row_model(row, unet, deltas, 8) as (model, _):
+            npo_s.append(timed_runs(sampling_loop(model, inputs, steps), 1))
+    ratios = [n / p for n, p in zip(npo_s, plain_s)]
+    result = {"model": name, "row": row, "steps": steps, "pairs": pairs, "plain_s": plain_s, "npo_s": npo_s,
+              "median_ratio": statistics.median(ratios), "min_ratio": min(npo_s) / min(plain_s)}
+    print(f"[eager-pairs] {result}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--compile", default="", help="comma list of models to also run under torch.compile")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--eager-pairs", type=int, default=0, help="eager only: alternate plain/NPO loops N times")
+    parser.add_argument("--eager-rows", default="npo_auto", help="NPO rows for --eager-pairs: npo_auto, npo_fused")
     args = parser.parse_args()
+    if args.eager_pairs:
+        results = [eager_pairs(name, args.eager_pairs, row) for name in args.models.split(",")
+                   for row in args.eager_rows.split(",")]
+        print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, eager, fp16, NPO LoRA rank 8 on attention\n")
+        print("| model | steps | row | pairs | NPO / plain time, median of pairs | fastest NPO / fastest plain | plain s (median) | NPO s (median) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['model']} | {r['steps']} | {r['row']} | {r['pairs']} | {r['median_ratio']:.3f}x | {r['min_ratio']:.3f}x | "
+                  f"{statistics.median(r['plain_s']):.3f} | {statistics.median(r['npo_s']):.3f} |")
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "sampling_e2e_eager_pairs.json").write_text(json.dumps(results, indent=2))
+        return
     device, dtype = torch.device("cuda"), torch.float16
     results = []
     for name in args.models.split(","):

@@ -205,7 +205,7 @@ def test_auto_backend_takes_the_fused_op_in_eager_only_where_the_shape_favours_i
     wrapped.set_backend("auto")
     expected = lowrank_linear(x, layer.weight, layer.bias, wrapped.down, wrapped.up, wrapped.scale, 2)
     for favoured in (False, True):
-        monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, favoured=favoured: favoured)
+        monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager, favoured=favoured: favoured)
         torch.testing.assert_close(wrapped(x), expected)
     assert calls == [6]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -214,6 +214,49 @@ def test_auto_backend_takes_the_fused_op_in_eager_only_where_the_shape_favours_i
     wrapped.set_backend("fused")
     wrapped(x)
     assert calls == [6, 6]  # a forced backend is kept under compile too
+
+
+def test_eager_inference_decides_and_binds_the_path_once_per_input_shape(monkeypatch):
+    """Without autograd, a layer picks its path once per (shape, dtype, device, uncond rows) and reuses the
+    bound call; set_backend and .to() forget the choices; with autograd recording every call decides."""
+    layer, x = _layer("linear3d")
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    calls, decisions = [], []
+
+    def fake_op(x, weight, bias, down, up, scale, n_rows):
+        calls.append(("op", n_rows))
+        return lowrank_linear(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale, n_rows).reshape(*x.shape[:-1], -1)
+
+    def fake_binder(x, weight, bias, down, up, n_rows):
+        def bound(x, w, b, d, u, s):
+            calls.append(("bound", n_rows))
+            return fake_op(x, w, b, d, u, s, n_rows)
+        return bound
+
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: fake_op)
+    monkeypatch.setattr(dual_branch, "fused_binder", lambda: fake_binder)
+    monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager: decisions.append(shape) or shape[0] > 6)
+    wrapped.set_backend("auto")
+    expected = lowrank_linear(x, layer.weight, layer.bias, wrapped.down, wrapped.up, wrapped.scale, 2)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(wrapped(x), expected)
+        assert len(decisions) == 1
+        assert [c for c in calls if c[0] == "bound"] == [("bound", 6), ("bound", 6)]  # the first call went the general way
+        wrapped(x[:2])  # another shape: 6 rows, where this rule says torch
+        wrapped(x[:2])
+        assert len(decisions) == 2 and len(calls) == 5
+        wrapped.set_mode("uncond")  # other uncond rows: decided again
+        wrapped(x)
+        assert len(decisions) == 3 and calls[-1] == ("op", 12)
+        wrapped.set_backend("auto")
+        wrapped(x)
+        assert len(decisions) == 4
+        wrapped.to(DT)
+        assert not wrapped._routes
+    wrapped(x)
+    wrapped(x)  # the layer's parameters require grad: no binding, every call decides
+    assert len(decisions) == 6 and calls[-1] == ("op", 12)
 
 
 def test_per_shape_dispatch_rule_picks_fused_for_small_layers_only() -> None:
@@ -225,3 +268,7 @@ def test_per_shape_dispatch_rule_picks_fused_for_small_layers_only() -> None:
     assert not prefers_fused(8192, 320, 2560, 64)  # ... but not at rank 64
     assert not prefers_fused(2048, 1280, 10240, 8)  # SDXL GEGLU: cuBLAS + torch update wins
     assert not prefers_fused(2, 1280, 1280, 8)  # time embedding: too few rows
+    # Eager (host-bound): one launch beats three for every attention projection of SD1.5 and SDXL
+    assert prefers_fused(2048, 1280, 1280, 8, eager=True) and prefers_fused(8192, 640, 640, 64, eager=True)
+    assert prefers_fused(2, 1280, 1280, 8, eager=True)
+    assert not prefers_fused(2048, 1280, 10240, 8, eager=True)  # SDXL GEGLU: the GPU-time rule

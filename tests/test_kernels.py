@@ -369,3 +369,37 @@ def test_op_under_inductor_on_cuda():
     ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), SCALE, 512)
     out = torch.compile(block, fullgraph=True)(x)
     assert _rel_err(out, torch.nn.functional.gelu(ref)) < 1e-2
+
+
+@needs_cuda
+def test_bound_eager_launch_matches_the_general_launch_and_the_reference():
+    """A layer's second eager call of a shape launches the compiled kernel directly (Triton internals):
+    bit for bit what the general launch gave, within tolerance of float64; unaligned input falls back."""
+    from npo_merge.delta.types import LowRank
+    from npo_merge.guidance.dual_branch import BranchDelta, DualBranchLinear
+    from npo_merge.guidance.kernels.dual_linear_triton import BoundLaunch
+
+    x, weight, bias, down, up = _layer(2 * 1024, 320, 640, 8, torch.float16, seed=4)
+    linear = torch.nn.Linear(320, 640).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        layer = DualBranchLinear(linear, BranchDelta(LowRank(down, up, alpha=8.0)))  # scale alpha / rank = 1
+        layer.set_backend("fused")
+        x = x.view(2, 1024, 320)
+        first = layer(x)
+        (route,) = layer._routes.values()
+        assert isinstance(route, BoundLaunch)
+        for _ in range(2):
+            assert torch.equal(layer(x), first)
+        ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), 1.0, 1024)
+        _assert_branches_close(layer(x), ref, 1024, 1e-2)
+        shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)[1:].view_as(x)
+        shifted.copy_(x)
+        assert torch.equal(layer(shifted), first)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        captured.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(captured, first)

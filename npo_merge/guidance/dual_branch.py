@@ -224,13 +224,32 @@ def fused_entry() -> FusedLinear | None:
 # cross-attention k/v over text tokens), and narrow inputs (K <= 320) at small ranks. On larger
 # layers cuBLAS's GEMM is ahead of ours and the unfused torch path wins.
 FUSED_MAX_FLOP = 4e9
+# In eager mode a step is host-bound: the torch path's two extra launches cost more host time than
+# the kernel's slower GEMM costs GPU time. Measured with every SDXL attention projection fused (up to
+# 6.7 GFLOP; benchmarks/sampling_e2e.py --eager-pairs); larger layers keep the GPU-time rule.
+EAGER_FUSED_MAX_FLOP = 8e9
 
 
-def prefers_fused(rows: int, in_features: int, out_features: int, rank: int) -> bool:
-    """Per-shape dispatch for backend "auto": is the fused kernel the faster path for this call?"""
+def prefers_fused(rows: int, in_features: int, out_features: int, rank: int, *, eager: bool = False) -> bool:
+    """Per-shape dispatch for backend "auto": is the fused kernel the faster path for this call?
+
+    `eager`: the call runs eagerly (not captured in a CUDA graph), where launches cost host time.
+    """
+    flop = 2.0 * rows * in_features * out_features
+    if eager and flop <= EAGER_FUSED_MAX_FLOP:
+        return True
     if rows < 64:
         return False
-    return 2.0 * rows * in_features * out_features <= FUSED_MAX_FLOP or (in_features <= 320 and rank <= 32)
+    return flop <= FUSED_MAX_FLOP or (in_features <= 320 and rank <= 32)
+
+
+def fused_binder() -> Callable[..., FusedLinear | None] | None:
+    """The kernels package's `bind_eager` (a fused call bound to one input shape), or None without it."""
+    try:
+        from npo_merge.guidance.kernels.ops import bind_eager
+    except ImportError:
+        return None
+    return bind_eager
 
 
 def fused_op_available() -> bool:
@@ -276,6 +295,11 @@ class DualBranchLayer(nn.Module):
         return f"strategy={self.strategy}, mode={self.mode}"
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether this call is being captured into a CUDA graph (there, GPU time alone decides the path)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _work_dtype(weight: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision layers (sums in fp32, cast on store), the layer's dtype otherwise."""
     return torch.promote_types(weight.dtype, torch.float32)
@@ -305,6 +329,8 @@ class DualBranchLinear(DualBranchLayer):
         self.strategy = strategy
         self.backend: Backend = "torch"
         self.fused: FusedLinear | None = None
+        # Eager inference: per input shape, the call that serves it (see _fused_lowrank).
+        self._routes: dict[tuple, Callable[..., torch.Tensor]] = {}
         weight = linear.weight
         like = {"dtype": weight.dtype, "device": weight.device}
         self.scale = 0.0
@@ -344,6 +370,11 @@ class DualBranchLinear(DualBranchLayer):
         if backend != "torch" and fused is None:
             raise InputError(f"backend {backend!r} needs the {FUSED_OP_NAME} op (npo_merge.guidance.kernels): use 'torch'")
         self.backend, self.fused = backend, fused
+        self._routes.clear()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self._routes.clear()  # .to()/.half()/.cuda(): routes were bound to the old dtype and device
+        return super()._apply(fn, recurse)
 
     def release(self) -> nn.Module:
         if self.strategy == "stacked":
@@ -353,13 +384,45 @@ class DualBranchLinear(DualBranchLayer):
 
     def _takes_fused(self, x: torch.Tensor, rank: int) -> bool:
         """Whether this call goes to the fused op: always with backend 'fused'; with 'auto' where the shape
-        favours it in eager mode, never under torch.compile (Inductor plans the plain torch ops itself, while
-        an opaque op costs Python dispatch time on every call of the compiled graph)."""
+        favours it (`prefers_fused`: one rule for eager calls, one for CUDA-graph capture), never under
+        torch.compile (Inductor plans the plain torch ops itself, while an opaque op costs Python dispatch
+        time on every call of the compiled graph)."""
         if self.backend == "fused":
             return True
         if torch.compiler.is_compiling():
             return False
-        return prefers_fused(x.numel() // x.shape[-1], self.in_features, self.out_features, rank)
+        eager = not _capturing(x)
+        return prefers_fused(x.numel() // x.shape[-1], self.in_features, self.out_features, rank, eager=eager)
+
+    def _fused_lowrank(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                       up: torch.Tensor, n_uncond: int) -> torch.Tensor:
+        """Backends 'fused' and 'auto'. In eager inference the path for an input shape is decided once and
+        bound (`fused_binder`): later calls of that shape skip the dispatch checks, which cost more host
+        time than the kernel takes on the GPU. Under torch.compile or with autograd, every call decides."""
+        needs_graph = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )
+        key = None
+        if not (needs_graph or torch.compiler.is_compiling()):
+            key = (x.shape, x.dtype, x.get_device(), n_uncond, _capturing(x))
+            route = self._routes.get(key)
+            if route is not None:
+                return route(x, weight, bias, down, up, self.scale)
+        fused, scale = self.fused, self.scale
+        assert fused is not None
+        if self._takes_fused(x, down.shape[0]):
+            rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
+            y = fused(x, weight, bias, down, up, scale, rows)
+            binder = fused_binder() if key is not None else None
+            bound = binder(x, weight, bias, down, up, rows) if binder is not None else None
+            route = bound or (lambda x, w, b, d, u, s: fused(x, w, b, d, u, s, rows))
+        else:
+            y = lowrank_linear(x, weight, bias, down, up, scale, n_uncond)
+            route = lambda x, w, b, d, u, s: lowrank_linear(x, w, b, d, u, s, n_uncond)  # noqa: E731
+        if key is not None:
+            self._routes[key] = route
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager sampling is host-bound, so this runs once per layer per step with as little Python as it
@@ -369,11 +432,10 @@ class DualBranchLinear(DualBranchLayer):
         weight, bias = params["weight"], params["bias"]
         if self.strategy == "lowrank":
             down, up = buffers["down"], buffers["up"]
-            if self.fused is not None and self._takes_fused(x, down.shape[0]):
-                rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
-                y = self.fused(x, weight, bias, down, up, self.scale, rows)
-            else:
+            if self.fused is None:
                 y = lowrank_linear(x, weight, bias, down, up, self.scale, n_uncond)
+            else:
+                y = self._fused_lowrank(x, weight, bias, down, up, n_uncond)
         elif self.strategy == "dense":
             y = dense_linear(x, weight, bias, buffers["diff"], n_uncond)
         else:  # stacked: W_u and W_c in one tensor, bias_diff folded into the stacked bias

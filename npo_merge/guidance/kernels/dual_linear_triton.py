@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import triton
@@ -228,9 +228,125 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+class _Variant:
+    """One layer shape's launch: grid, compile-time arguments and the compiled kernels it has used.
+
+    Eager sampling is host-bound, so after the first launch of a specialization the compiled kernel is
+    called directly, without JITFunction.run's per-call argument binding and cache lookup. The key is
+    what Triton specializes on beyond the shape fixed here: the row strides (pointers must be 16-byte
+    aligned, as PyTorch allocates them; other calls take the JIT path every time).
+    """
+
+    def __init__(self, grid: tuple[int], fused: bool, constants: dict):
+        self.grid = grid
+        self.fused = fused
+        self.constants = constants
+        self.constexprs = tuple(constants[name] for name in _CONSTEXPR_PARAMS)
+        self.direct: dict[tuple[int, int], Callable[..., None]] = {}
+
+    def launch(self, args: tuple) -> None:
+        """_dual_linear_kernel[grid](*args, **constants); args are the kernel's runtime parameters in order."""
+        aligned = _aligned(*args[:7])
+        direct = self.direct.get((args[13], args[14])) if aligned else None
+        if direct is not None and not _launch_hooks():
+            direct(_current_stream(), *args, *self.constexprs)
+            return
+        compiled = _dual_linear_kernel[self.grid](*args, **self.constants)
+        if aligned and _DIRECT_LAUNCH:
+            direct = _direct_launcher(compiled, self.grid[0])
+            if direct is not None:
+                self.direct[(args[13], args[14])] = direct
+
+
+# The kernel's compile-time parameters in declaration order (they follow the runtime ones).
+_CONSTEXPR_PARAMS = ("HAS_BIAS", "FUSED_SHRINK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M", "EVEN_K",
+                     "DOT_PRECISION", "UPCAST")
+# Direct launches use Triton internals (the compiled kernel's launcher and its argument list, as of
+# triton 3.6); the GPU tests and benchmarks/eager_overhead.py compare them with kernel[grid] launches.
+_DIRECT_LAUNCH = True
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _direct_launcher(compiled: object, grid: int) -> Callable[..., None] | None:
+    """launch(stream, *kernel_args) for a compiled kernel with no Python between the caller and the driver,
+    or None where this Triton's compiled kernels do not look as expected (then kernel[grid] it stays)."""
+    run = getattr(compiled, "run", None)  # the launcher; absent under the interpreter
+    function, metadata = getattr(compiled, "function", None), getattr(compiled, "packed_metadata", None)
+    if run is None or function is None or metadata is None:
+        return None
+    launch = getattr(run, "launch", None)
+    if launch is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return lambda stream, *args: run(grid, 1, 1, stream, function, metadata, None, None, None, *args)
+    cooperative, pdl = run.launch_cooperative_grid, run.launch_pdl
+    return lambda stream, *args: launch(grid, 1, 1, stream, function, cooperative, pdl, None, None, metadata,
+                                        None, None, None, *args)
+
+
+def _launch_hooks() -> bool:
+    """Whether a profiler (e.g. proton) hooks kernel launches: then every launch goes through Triton."""
+    runtime = triton.knobs.runtime
+    return any(hook is not None and getattr(hook, "calls", True)
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
+def _current_stream() -> int:
+    """The current CUDA stream of the current device, as JITFunction.run asks the driver for it."""
+    driver = triton.runtime.driver.active
+    return driver.get_current_stream(driver.get_current_device())
+
+
+class BoundLaunch:
+    """The fused kernel bound to one call shape of one layer, for eager inference.
+
+    A call allocates the output and starts the compiled kernel: no op dispatch, no shape checks, no
+    cache lookups, which is most of a layer's host time otherwise. Only what may change between calls
+    of one shape is checked (contiguity and alignment of the tensors); a call that fails it, or a
+    profiler hooking launches, goes to `fallback` (the general entry, same arguments plus n_uncond).
+    """
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, n_uncond: int,
+                 variant: _Variant, direct: Callable[..., None], fallback: Callable[..., torch.Tensor]):
+        out_features, in_features = weight.shape
+        self._out_shape = (*x.shape[:-1], out_features)
+        self._like = {"dtype": x.dtype, "device": x.device}
+        self._sizes = (x.numel() // in_features, out_features, in_features, down.shape[0], n_uncond)
+        self._constexprs = variant.constexprs
+        self._direct = direct
+        self._fallback = fallback
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                 up: torch.Tensor, scale: float) -> torch.Tensor:
+        aligned = _aligned(x, weight, down, up) if bias is None else _aligned(x, weight, bias, down, up)
+        if not (aligned and x.is_contiguous()) or _launch_hooks():
+            return self._fallback(x, weight, bias, down, up, scale, self._sizes[4])
+        out = torch.empty(self._out_shape, **self._like)
+        m, n, k, rank, n_uncond = self._sizes
+        self._direct(_current_stream(), x, weight, out if bias is None else bias, down, up, out, out,
+                     m, n, k, rank, n_uncond, scale, k, k, *self._constexprs)
+        return out
+
+
+def bind_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                up: torch.Tensor, n_uncond: int, fallback: Callable[..., torch.Tensor]) -> BoundLaunch | None:
+    """A BoundLaunch for this call shape once the kernel ran for it, else None (not launched yet, strided
+    or unaligned tensors, a separate-shrink variant, or no direct launch on this Triton)."""
+    out_features, in_features = weight.shape
+    if not all(t.is_contiguous() for t in (x, weight, down, up)) or (bias is not None and not bias.is_contiguous()):
+        return None
+    variant = _launch_plan(x.numel() // in_features, out_features, in_features, down.shape[0], x.dtype,
+                           bias is not None, n_uncond, "auto", None, _dot_precision(x.dtype))
+    direct = variant.direct.get((in_features, in_features))
+    if direct is None or not variant.fused:
+        return None
+    return BoundLaunch(x, weight, down, n_uncond, variant, direct, fallback)
+
+
 @functools.lru_cache(maxsize=4096)
 def _launch_plan(m: int, n: int, k: int, rank: int, dtype: torch.dtype, has_bias: bool, n_uncond: int,
-                 shrink: str, config: KernelConfig | None, dot_precision: str) -> tuple[tuple[int], bool, dict]:
+                 shrink: str, config: KernelConfig | None, dot_precision: str) -> _Variant:
     """Grid, shrink mode and compile-time arguments for one layer shape (cached: eager calls are launch-bound)."""
     cfg = config or pick_config(m, n, k, rank, dtype.itemsize)
     mode = pick_shrink_mode(m, n, k, rank, n_uncond, cfg) if shrink == "auto" else shrink
@@ -242,7 +358,7 @@ def _launch_plan(m: int, n: int, k: int, rank: int, dtype: torch.dtype, has_bias
         GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, DOT_PRECISION=dot_precision,
         UPCAST=INTERPRETED and dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),), mode == "fused", constants
+    return _Variant((triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),), mode == "fused", constants)
 
 
 def dual_branch_linear_triton(
@@ -267,26 +383,31 @@ def dual_branch_linear_triton(
     """
     out_features, in_features = weight.shape
     rank = down.shape[0]
-    rows = x.reshape(-1, in_features)
-    m = rows.shape[0]
+    # A contiguous x is passed as it is (its rows are rows of the 2-D view): no reshape on the hot path.
+    rows = x if x.is_contiguous() else x.reshape(-1, in_features)
+    m = x.numel() // in_features if in_features else 0
     if out is None:
-        out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+        out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
     elif out.shape != (m, out_features) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({m}, {out_features})")
     if m == 0 or out_features == 0:
         return out.reshape(*x.shape[:-1], out_features)
-    if rows.stride(1) != 1:
+    row_stride = in_features if rows is x else rows.stride(0)
+    if rows is not x and rows.stride(1) != 1:
         rows = rows.contiguous()
+        row_stride = rows.stride(0)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    down, up = down.contiguous(), up.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    grid, fused, constants = _launch_plan(m, out_features, in_features, rank, x.dtype, bias is not None,
-                                          n_uncond, shrink, config, _dot_precision(x.dtype))
-    shrunk = rows[:n_uncond] @ down.t() if (not fused and n_uncond > 0) else out  # `out`: an unread placeholder
-    _dual_linear_kernel[grid](
-        rows, weight, bias if bias is not None else out, down, up, shrunk, out,
-        m, out_features, in_features, rank, n_uncond, float(scale), rows.stride(0), weight.stride(0),
-        **constants,
-    )
-    return out.reshape(*x.shape[:-1], out_features)
+    if not (down.is_contiguous() and up.is_contiguous()):
+        down, up = down.contiguous(), up.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    variant = _launch_plan(m, out_features, in_features, rank, x.dtype, bias is not None,
+                           n_uncond, shrink, config, _dot_precision(x.dtype))
+    # `out` stands in for pointers the variant never reads (no bias; the shrink when it is fused).
+    shrunk = out
+    if not variant.fused and n_uncond > 0:
+        shrunk = rows.reshape(-1, in_features)[:n_uncond] @ down.t()
+    variant.launch((rows, weight, bias if bias is not None else out, down, up, shrunk, out,
+                    m, out_features, in_features, rank, n_uncond, float(scale), row_stride, weight.stride(0)))
+    return out if out.dim() == x.dim() else out.reshape(*x.shape[:-1], out_features)

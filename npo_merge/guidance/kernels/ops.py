@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ from npo_merge.guidance.kernels.torch_paths import (
     dual_branch_linear_unfused,
 )
 
-__all__ = ["available", "dual_branch_linear", "dual_branch_linear_eager", "dual_branch_conv1x1"]
+__all__ = ["available", "bind_eager", "dual_branch_linear", "dual_branch_linear_eager", "dual_branch_conv1x1"]
 
 
 _INT32_LIMIT = 2**31  # the kernel's offsets are 32-bit; larger tensors take the torch path
@@ -73,7 +74,7 @@ def _dual_branch_linear_cuda(
     n_uncond: int,
 ) -> torch.Tensor:
     if _takes_triton(x, weight, bias, down, up, n_uncond):
-        return _triton_launcher()(x, weight, bias, down, up, scale, n_uncond)
+        return _triton_module().dual_branch_linear_triton(x, weight, bias, down, up, scale, n_uncond)
     return dual_branch_linear_unfused(x, weight, bias, down, up, scale, n_uncond)
 
 
@@ -146,8 +147,21 @@ def dual_branch_linear_eager(
     if torch.compiler.is_compiling() or needs_graph:
         return torch.ops.npo_merge.dual_branch_linear(x, weight, bias, down, up, scale, n_uncond)
     if _takes_triton(x, weight, bias, down, up, n_uncond):
-        return _triton_launcher()(x, weight, bias, down, up, scale, n_uncond)
+        return _triton_module().dual_branch_linear_triton(x, weight, bias, down, up, scale, n_uncond)
     return dual_branch_linear_unfused(x, weight, bias, down, up, scale, n_uncond)
+
+
+def bind_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+               up: torch.Tensor, n_uncond: int) -> Callable[..., torch.Tensor] | None:
+    """`dual_branch_linear_eager` bound to this call's shape: f(x, weight, bias, down, up, scale), or None.
+
+    For a layer module that calls the kernel once per step with the same shapes: the bound call skips
+    the checks and lookups of a general call (eager sampling is host-bound). None until the kernel has
+    run for this shape, and where the Triton kernel does not serve the call.
+    """
+    if not _takes_triton(x, weight, bias, down, up, n_uncond):
+        return None
+    return _triton_module().bind_launch(x, weight, bias, down, up, n_uncond, dual_branch_linear_eager)
 
 
 def _takes_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
@@ -170,10 +184,10 @@ def _route(x_shape: torch.Size, weight_shape: torch.Size, bias_shape: torch.Size
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_launcher():  # noqa: ANN202 (imports triton: only called once the kernel is known to run)
-    from npo_merge.guidance.kernels.dual_linear_triton import dual_branch_linear_triton
+def _triton_module():  # noqa: ANN202 (imports triton: only called once the kernel is known to run)
+    from npo_merge.guidance.kernels import dual_linear_triton
 
-    return dual_branch_linear_triton
+    return dual_linear_triton
 
 
 def dual_branch_conv1x1(
