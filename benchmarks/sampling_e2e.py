@@ -7,7 +7,9 @@ and the official two-UNet approach; eager, whole-step CUDA graphs, and torch.com
 SD1.5 512x512 runs 25 steps, SDXL 1024x1024 30 steps, from the real configs with random fp16 weights
 (benchmarks/cfg_step.py builds them), NPO LoRA rank 8 on the attention projections. A step is the
 CFG UNet call(s), the guidance combination and a plain Euler-style update of the latents (the same
-for every row, standing in for the scheduler). Peak GPU memory per row. Prints a markdown table;
+for every row, standing in for the scheduler). Peak GPU memory per row (a row's peak includes what
+earlier rows' graph captures left allocated: compare memory with loop_peak_memory.py, one order per
+process). Prints a markdown table;
 writes sampling_e2e.json to $OUT when set.
 
 Eager loops are host-bound, and on a shared host their time drifts by tens of percent between
