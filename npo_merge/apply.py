@@ -28,7 +28,8 @@ from npo_merge.io.checkpoint import Checkpoint
 from npo_merge.io.hashing import BackgroundHashes
 from npo_merge.io.dual_checkpoint import FOLDER_BRANCH_FILE, Branch, branch_specs, branch_tensors
 from npo_merge.io.keymap.links import KeyLink
-from npo_merge.io.safetensors_stream import SafetensorsWriter, TensorSpec, save_tensors
+from npo_merge.io.buffers import Buffers
+from npo_merge.io.safetensors_stream import SafetensorsReader, SafetensorsWriter, TensorInfo, TensorSpec, save_tensors
 from npo_merge.io.sources import TensorSource
 from npo_merge.progress import Progress, ProgressFactory, no_progress
 
@@ -96,17 +97,18 @@ def plan_apply(target: Checkpoint, terms: Sequence[Term], *, allow_partial: bool
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
-def summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, float]:
+def summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None,
+                 buffers: Buffers | None = None) -> tuple[torch.Tensor, float]:
     """(delta, scale) such that the update is scale * delta, for one canonical tensor (or rows of it).
 
     A single full delta comes back as stored (fp16 stays fp16) with its scale, so the caller's one
     in-place add computes in fp32 without a separate conversion pass; several terms are summed in
-    fp32. NaN or Inf in any delta is an error.
+    fp32. NaN or Inf in any delta is an error. A single delta read in rows may live in `buffers`.
     """
     indices = plan.touched[key]
     if len(indices) == 1:
         term = plan.terms[indices[0]]
-        delta = term.delta.dense(key, rows, stored_dtype=True)
+        delta = term.delta.dense(key, rows, stored_dtype=True, buffers=buffers)
         if not all_finite(delta):
             raise InputError(f"{term.delta.path}: delta for {key!r} contains NaN or Inf; refusing to apply it")
         return delta, term.scale
@@ -162,6 +164,39 @@ def _apply_native(plan: ApplyPlan, source: TensorSource, link: KeyLink | None, n
     return link.to_native(parts, tensor.shape).to(out_dtype)
 
 
+def _stream_rows(plan: ApplyPlan, key: str, source: SafetensorsReader, info: TensorInfo, out_dtype: torch.dtype,
+                 writer: SafetensorsWriter, buffers: Buffers) -> None:
+    """_add_in_chunks for a tensor of a safetensors file, without a whole-tensor copy: each row chunk
+    is read into a reused buffer and written from a staging buffer of the writer, with the same
+    arithmetic (so the same bytes) as _add_in_chunks."""
+    rows = info.shape[0]
+    row = info.numel // rows
+    step = max(1, _CHUNK_ELEMENTS // max(1, row))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        delta, scale = summed_delta(plan, key, (start, stop), buffers)
+        out = writer.staging((stop - start) * row, out_dtype)
+        if out_dtype == info.dtype and delta.dtype == info.dtype and scale == 1.0:
+            source.read_into(info.name, out, (start, stop))
+            out.add_(delta.reshape(-1))
+        else:
+            tensor = source.read_into(info.name, buffers.get("target", out.numel(), info.dtype), (start, stop))
+            wide = tensor if tensor.dtype == torch.float32 else buffers.get("fp32", out.numel(), torch.float32).copy_(tensor.view(-1))
+            if delta.dtype != torch.float32:
+                delta = buffers.get("delta32", out.numel(), torch.float32).copy_(delta.reshape(-1))
+            out.copy_(wide.view(-1).add_(delta.reshape(-1), alpha=scale))
+        writer.write_part(info.name, out)
+
+
+def _copy_run(writer: SafetensorsWriter, source: SafetensorsReader, run: list[TensorInfo], progress: Progress) -> list[TensorInfo]:
+    """Copy untouched tensors lying back to back in `source` into the output as they are, inside the
+    kernel; returns an empty run."""
+    if run:
+        writer.copy([info.name for info in run], source.fileno(), run[0].start)
+        progress.update(len(run))
+    return []
+
+
 def _native_links(checkpoint: Checkpoint) -> dict[tuple[int, str], KeyLink]:
     return {(id(e.source), e.link.native): e.link for e in checkpoint.entries.values()}
 
@@ -181,10 +216,25 @@ def _write_source(plan: ApplyPlan, source: TensorSource, names: list[str], path:
         specs += branch_specs(branch, branch_dtype)
         metadata = {**metadata, **branch.metadata}
     writer = SafetensorsWriter(path, specs, metadata)
+    buffers = Buffers()
     try:
-        for name in names:
-            writer.write(name, _apply_native(plan, source, links.get((id(source), name)), name, dtype))
+        run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
+        for name, spec in zip(names, specs):
+            link = links.get((id(source), name))
+            touched = link is not None and any(key in plan.touched for key in link.canonical)
+            info = source.info(name)
+            if isinstance(source, SafetensorsReader) and not touched and spec.dtype == info.dtype:
+                if run and run[-1].end != info.start:
+                    run = _copy_run(writer, source, run, progress)
+                run.append(info)
+                continue
+            run = _copy_run(writer, source, run, progress)
+            if isinstance(source, SafetensorsReader) and touched and link.transform == "same" and info.numel and info.shape:
+                _stream_rows(plan, link.canonical[0], source, info, spec.dtype, writer, buffers)
+            else:
+                writer.write(name, _apply_native(plan, source, link, name, dtype))
             progress.update()
+        _copy_run(writer, source, run, progress)
         for name, tensor in branch_tensors(branch, branch_dtype) if branch else ():
             writer.write(name, tensor)
     except BaseException:
