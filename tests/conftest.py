@@ -22,6 +22,12 @@ from npo_merge import tiny  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or write the user's sha256 cache, and never share one."""
+    monkeypatch.setenv("NPO_MERGE_CACHE", str(tmp_path_factory.mktemp("npo_merge-cache")))
+
+
 @pytest.fixture(scope="session")
 def single_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """arch -> a tiny single-file (LDM/SGM) checkpoint with text encoders, VAE and extras."""
