@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["NPO_MERGE_CACHE"] = tempfile.mkdtemp(prefix="npo_merge-test-cache-")  # never the user's sha256 cache
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -24,7 +26,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never read or write the user's sha256 cache, and never share one."""
+    """Each test starts with an empty sha256 cache of its own."""
     monkeypatch.setenv("NPO_MERGE_CACHE", str(tmp_path_factory.mktemp("npo_merge-cache")))
 
 
