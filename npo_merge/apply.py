@@ -31,6 +31,7 @@ from npo_merge.io.keymap.links import KeyLink
 from npo_merge.io.buffers import Buffers
 from npo_merge.io.safetensors_stream import SafetensorsReader, SafetensorsWriter, TensorInfo, TensorSpec, save_tensors
 from npo_merge.io.sources import TensorSource
+from npo_merge.prefetch import Prefetch
 from npo_merge.progress import Progress, ProgressFactory, no_progress
 
 
@@ -164,17 +165,29 @@ def _apply_native(plan: ApplyPlan, source: TensorSource, link: KeyLink | None, n
     return link.to_native(parts, tensor.shape).to(out_dtype)
 
 
-def _stream_rows(plan: ApplyPlan, key: str, source: SafetensorsReader, info: TensorInfo, out_dtype: torch.dtype,
-                 writer: SafetensorsWriter, buffers: Buffers) -> None:
-    """_add_in_chunks for a tensor of a safetensors file, without a whole-tensor copy: each row chunk
-    is read into a reused buffer and written from a staging buffer of the writer, with the same
-    arithmetic (so the same bytes) as _add_in_chunks."""
+def _row_chunks(info: TensorInfo) -> list[tuple[int, int]]:
+    """The row chunks _add_in_chunks uses for a tensor of this shape (the same, so the same bytes)."""
     rows = info.shape[0]
-    row = info.numel // rows
-    step = max(1, _CHUNK_ELEMENTS // max(1, row))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        delta, scale = summed_delta(plan, key, (start, stop), buffers)
+    step = max(1, _CHUNK_ELEMENTS // max(1, info.numel // rows))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _row_deltas(plan: ApplyPlan, jobs: list[tuple[str, tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, float]]:
+    """summed_delta of each (canonical key, rows) in turn, in three buffer sets used round robin, so
+    an item stays intact while the two after it are made (what Prefetch keeps alive)."""
+    sets = [Buffers() for _ in range(3)]
+    for index, (key, rows) in enumerate(jobs):
+        yield summed_delta(plan, key, rows, sets[index % 3])
+
+
+def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.dtype, writer: SafetensorsWriter,
+                 buffers: Buffers, deltas: Iterator[tuple[torch.Tensor, float]]) -> None:
+    """_add_in_chunks for a tensor of a safetensors file, without a whole-tensor copy: each row chunk
+    is read into a reused buffer, added to its delta (the next of `deltas`) with the same arithmetic
+    as _add_in_chunks (so the same bytes), and written from a staging buffer of the writer."""
+    row = info.numel // info.shape[0]
+    for start, stop in _row_chunks(info):
+        delta, scale = next(deltas)
         out = writer.staging((stop - start) * row, out_dtype)
         if out_dtype == info.dtype and delta.dtype == info.dtype and scale == 1.0:
             source.read_into(info.name, out, (start, stop))
@@ -215,26 +228,36 @@ def _write_source(plan: ApplyPlan, source: TensorSource, names: list[str], path:
     if branch:
         specs += branch_specs(branch, branch_dtype)
         metadata = {**metadata, **branch.metadata}
+    streamed = isinstance(source, SafetensorsReader)
+    actions = []  # (info, link, spec, how): copied as bytes, streamed in row chunks, or whole
+    for name, spec in zip(names, specs):
+        link, info = links.get((id(source), name)), source.info(name)
+        touched = link is not None and any(key in plan.touched for key in link.canonical)
+        if streamed and not touched and spec.dtype == info.dtype:
+            actions.append((info, link, spec, "copy"))
+        elif streamed and touched and link.transform == "same" and info.numel and info.shape:  # type: ignore[union-attr]
+            actions.append((info, link, spec, "rows"))
+        else:
+            actions.append((info, link, spec, "whole"))
+    jobs = [(link.canonical[0], rows) for info, link, _, how in actions if how == "rows" for rows in _row_chunks(info)]
     writer = SafetensorsWriter(path, specs, metadata)
     buffers = Buffers()
     try:
-        run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
-        for name, spec in zip(names, specs):
-            link = links.get((id(source), name))
-            touched = link is not None and any(key in plan.touched for key in link.canonical)
-            info = source.info(name)
-            if isinstance(source, SafetensorsReader) and not touched and spec.dtype == info.dtype:
-                if run and run[-1].end != info.start:
-                    run = _copy_run(writer, source, run, progress)
-                run.append(info)
-                continue
-            run = _copy_run(writer, source, run, progress)
-            if isinstance(source, SafetensorsReader) and touched and link.transform == "same" and info.numel and info.shape:
-                _stream_rows(plan, link.canonical[0], source, info, spec.dtype, writer, buffers)
-            else:
-                writer.write(name, _apply_native(plan, source, link, name, dtype))
-            progress.update()
-        _copy_run(writer, source, run, progress)
+        with Prefetch(_row_deltas(plan, jobs)) as deltas:
+            run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
+            for info, link, spec, how in actions:
+                if how == "copy":
+                    if run and run[-1].end != info.start:
+                        run = _copy_run(writer, source, run, progress)  # type: ignore[arg-type]
+                    run.append(info)
+                    continue
+                run = _copy_run(writer, source, run, progress)  # type: ignore[arg-type]
+                if how == "rows":
+                    _stream_rows(source, info, spec.dtype, writer, buffers, deltas)  # type: ignore[arg-type]
+                else:
+                    writer.write(info.name, _apply_native(plan, source, link, info.name, dtype))
+                progress.update()
+            _copy_run(writer, source, run, progress)  # type: ignore[arg-type]
         for name, tensor in branch_tensors(branch, branch_dtype) if branch else ():
             writer.write(name, tensor)
     except BaseException:

@@ -108,9 +108,10 @@ class Delta:
         """One module's factors (fp32); the last one read is kept, so row-chunked reads load it once."""
         if self._lora is None:
             raise InputError(f"{self.path}: a full delta has no low-rank factors")
-        if self._last is None or self._last[0] != module:
-            self._last = (module, self._lora.lowrank(module))
-        return self._last[1]
+        last = self._last  # read once: apply may ask from two threads
+        if last is None or last[0] != module:
+            last = self._last = (module, self._lora.lowrank(module))
+        return last[1]
 
     @property
     def modules(self) -> list[str]:
