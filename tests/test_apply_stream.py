@@ -92,6 +92,7 @@ def test_streamed_output_equals_whole_tensor_path_and_fp32_sum(inputs: dict[str,
     target_name, terms, dtype = CASES[case]
     target, deltas = inputs[target_name], [(inputs[name], scale) for name, scale in terms]
     monkeypatch.setattr(apply_module, "_CHUNK_ELEMENTS", 700)  # several row chunks per larger tensor
+    monkeypatch.setattr(apply_module, "_READ_CHUNK_ELEMENTS", 300)
     calls = {"copy": 0, "write_part": 0}
     for method in calls:
         original = getattr(SafetensorsWriter, method)

@@ -88,7 +88,7 @@ def dtype_code(dtype: torch.dtype) -> str:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
