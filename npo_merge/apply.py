@@ -194,19 +194,23 @@ def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.d
     (the next of `deltas`, up to the last row) is read into a reused buffer, added to its delta with
     the same arithmetic as _add_in_chunks (so the same bytes), and written from a staging buffer."""
     row, stop = info.numel // info.shape[0], 0
+    step = max(1, _READ_CHUNK_ELEMENTS // max(1, row))  # a LoRA chunk is added in cache-sized parts
     while stop < info.shape[0]:
-        (start, stop), delta, scale = next(deltas)
-        out = writer.staging((stop - start) * row, out_dtype)
-        if out_dtype == info.dtype and delta.dtype == info.dtype and scale == 1.0:
-            source.read_into(info.name, out, (start, stop))
-            out.add_(delta.reshape(-1))
-        else:
-            tensor = source.read_into(info.name, buffers.get("target", out.numel(), info.dtype), (start, stop))
-            wide = tensor if tensor.dtype == torch.float32 else buffers.get("fp32", out.numel(), torch.float32).copy_(tensor.view(-1))
-            if delta.dtype != torch.float32:
-                delta = buffers.get("delta32", out.numel(), torch.float32).copy_(delta.reshape(-1))
-            out.copy_(wide.view(-1).add_(delta.reshape(-1), alpha=scale))
-        writer.write_part(info.name, out)
+        (start, stop), chunk, scale = next(deltas)
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            delta = chunk[first - start:last - start].reshape(-1)
+            out = writer.staging(delta.numel(), out_dtype)
+            if out_dtype == info.dtype and delta.dtype == info.dtype and scale == 1.0:
+                source.read_into(info.name, out, (first, last))
+                out.add_(delta)
+            else:
+                tensor = source.read_into(info.name, buffers.get("target", out.numel(), info.dtype), (first, last))
+                wide = tensor.view(-1) if tensor.dtype == torch.float32 else buffers.get("fp32", out.numel(), torch.float32).copy_(tensor.view(-1))
+                if delta.dtype != torch.float32:
+                    delta = buffers.get("delta32", out.numel(), torch.float32).copy_(delta)
+                out.copy_(wide.add_(delta, alpha=scale))
+            writer.write_part(info.name, out)
 
 
 def _copy_run(writer: SafetensorsWriter, source: SafetensorsReader, run: list[TensorInfo], progress: Progress) -> list[TensorInfo]:
