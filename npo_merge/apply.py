@@ -179,12 +179,11 @@ def _row_chunks(plan: ApplyPlan, key: str, info: TensorInfo) -> list[tuple[int, 
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
-def _row_deltas(plan: ApplyPlan, jobs: list[tuple[TensorInfo, str, tuple[int, int]]]
-                ) -> Iterator[tuple[tuple[int, int], torch.Tensor, float]]:
-    """(rows, delta, scale) of each (tensor, canonical key, rows) in turn, in three buffer sets used
-    round robin, so an item stays intact while the two after it are made (what Prefetch keeps alive)."""
+def _row_deltas(plan: ApplyPlan, jobs: list[tuple[str, tuple[int, int]]]) -> Iterator[tuple[tuple[int, int], torch.Tensor, float]]:
+    """(rows, delta, scale) of each (canonical key, rows) in turn, in three buffer sets used round
+    robin, so an item stays intact while the two after it are made (what Prefetch keeps alive)."""
     sets = [Buffers() for _ in range(3)]
-    for index, (_, key, rows) in enumerate(jobs):
+    for index, (key, rows) in enumerate(jobs):
         yield (rows, *summed_delta(plan, key, rows, sets[index % 3]))
 
 
@@ -205,8 +204,8 @@ def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.d
                 source.read_into(info.name, out, (first, last))
                 out.add_(delta)
             else:
-                tensor = source.read_into(info.name, buffers.get("target", out.numel(), info.dtype), (first, last))
-                wide = tensor.view(-1) if tensor.dtype == torch.float32 else buffers.get("fp32", out.numel(), torch.float32).copy_(tensor.view(-1))
+                tensor = source.read_into(info.name, buffers.get("target", out.numel(), info.dtype), (first, last)).view(-1)
+                wide = tensor if tensor.dtype == torch.float32 else buffers.get("fp32", out.numel(), torch.float32).copy_(tensor)
                 if delta.dtype != torch.float32:
                     delta = buffers.get("delta32", out.numel(), torch.float32).copy_(delta)
                 out.copy_(wide.add_(delta, alpha=scale))
@@ -220,6 +219,40 @@ def _copy_run(writer: SafetensorsWriter, source: SafetensorsReader, run: list[Te
         writer.copy([info.name for info in run], source.fileno(), run[0].start)
         progress.update(len(run))
     return []
+
+
+def _write_streamed(plan: ApplyPlan, source: SafetensorsReader, names: list[str], specs: list[TensorSpec],
+                    links: dict[tuple[int, str], KeyLink], writer: SafetensorsWriter, dtype: torch.dtype | None,
+                    progress: Progress) -> None:
+    """Write the tensors `names` of a safetensors file: untouched runs copied as bytes, touched
+    tensors streamed in row chunks (their deltas made a chunk ahead on a prefetch thread), the rest
+    (reshaped links, scalars) whole."""
+    actions = []  # (info, link, spec, how)
+    for name, spec in zip(names, specs):
+        link, info = links.get((id(source), name)), source.info(name)
+        if link is None or not any(key in plan.touched for key in link.canonical):
+            how = "copy" if spec.dtype == info.dtype else "whole"
+        else:
+            how = "rows" if link.transform == "same" and info.numel and info.shape else "whole"
+        actions.append((info, link, spec, how))
+    jobs = [(link.canonical[0], rows) for info, link, _, how in actions if link and how == "rows"
+            for rows in _row_chunks(plan, link.canonical[0], info)]
+    buffers = Buffers()
+    with Prefetch(_row_deltas(plan, jobs)) as deltas:
+        run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
+        for info, link, spec, how in actions:
+            if how == "copy":
+                if run and run[-1].end != info.start:
+                    run = _copy_run(writer, source, run, progress)
+                run.append(info)
+                continue
+            run = _copy_run(writer, source, run, progress)
+            if how == "rows":
+                _stream_rows(source, info, spec.dtype, writer, buffers, deltas)
+            else:
+                writer.write(info.name, _apply_native(plan, source, link, info.name, dtype))
+            progress.update()
+        _copy_run(writer, source, run, progress)
 
 
 def _native_links(checkpoint: Checkpoint) -> dict[tuple[int, str], KeyLink]:
@@ -240,37 +273,14 @@ def _write_source(plan: ApplyPlan, source: TensorSource, names: list[str], path:
     if branch:
         specs += branch_specs(branch, branch_dtype)
         metadata = {**metadata, **branch.metadata}
-    streamed = isinstance(source, SafetensorsReader)
-    actions = []  # (info, link, spec, how): copied as bytes, streamed in row chunks, or whole
-    for name, spec in zip(names, specs):
-        link, info = links.get((id(source), name)), source.info(name)
-        touched = link is not None and any(key in plan.touched for key in link.canonical)
-        if streamed and not touched and spec.dtype == info.dtype:
-            actions.append((info, link, spec, "copy"))
-        elif streamed and touched and link.transform == "same" and info.numel and info.shape:  # type: ignore[union-attr]
-            actions.append((info, link, spec, "rows"))
-        else:
-            actions.append((info, link, spec, "whole"))
-    jobs = [(info, link.canonical[0], rows) for info, link, _, how in actions if how == "rows"
-            for rows in _row_chunks(plan, link.canonical[0], info)]
     writer = SafetensorsWriter(path, specs, metadata)
-    buffers = Buffers()
     try:
-        with Prefetch(_row_deltas(plan, jobs)) as deltas:
-            run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
-            for info, link, spec, how in actions:
-                if how == "copy":
-                    if run and run[-1].end != info.start:
-                        run = _copy_run(writer, source, run, progress)  # type: ignore[arg-type]
-                    run.append(info)
-                    continue
-                run = _copy_run(writer, source, run, progress)  # type: ignore[arg-type]
-                if how == "rows":
-                    _stream_rows(source, info, spec.dtype, writer, buffers, deltas)  # type: ignore[arg-type]
-                else:
-                    writer.write(info.name, _apply_native(plan, source, link, info.name, dtype))
+        if isinstance(source, SafetensorsReader):
+            _write_streamed(plan, source, names, specs, links, writer, dtype, progress)
+        else:
+            for name in names:
+                writer.write(name, _apply_native(plan, source, links.get((id(source), name)), name, dtype))
                 progress.update()
-            _copy_run(writer, source, run, progress)  # type: ignore[arg-type]
         for name, tensor in branch_tensors(branch, branch_dtype) if branch else ():
             writer.write(name, tensor)
     except BaseException:
