@@ -129,3 +129,36 @@ def test_streamed_output_equals_whole_tensor_path_and_fp32_sum(inputs: dict[str,
             if dtype is not None and expected_extra.is_floating_point():
                 expected_extra = expected_extra.to(dtype)
             assert torch.equal(reader.tensor(name), expected_extra), name
+
+
+def test_a_replaced_branch_in_the_middle_of_the_file_is_left_out_of_the_copied_runs(
+        inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-applying an NPO delta drops the old branch tensors; where they sat between other tensors,
+    the byte copies must skip them (the whole-tensor path is the reference)."""
+    from npo_merge.cli import main
+    from npo_merge.io.safetensors_stream import TensorSpec
+
+    dual = tmp_path / "dual.safetensors"
+    assert main(["apply", "--target", str(inputs["t16"]), "--delta", str(inputs["lora"]), "--role", "negative",
+                 "--out", str(dual), "-q"]) == 0
+    middle = tmp_path / "branch-in-the-middle.safetensors"
+    with SafetensorsReader(dual) as reader:
+        branch = [n for n in reader if n.startswith("npo_uncond.")]
+        rest = [n for n in reader if n not in branch]
+        order = rest[: len(rest) // 2] + branch + rest[len(rest) // 2:]
+        with SafetensorsWriter(middle, [TensorSpec(n, reader[n].dtype, reader[n].shape) for n in order],
+                               reader.metadata) as writer:
+            for name in order:
+                writer.write(name, reader.tensor(name))
+    outputs = []
+    for label in ("streamed", "whole"):
+        if label == "whole":
+            monkeypatch.setattr(apply_module, "SafetensorsReader", type("NotAReader", (), {}))
+        out = tmp_path / f"{label}.safetensors"
+        assert main(["apply", "--target", str(middle), "--delta", str(inputs["lora"]), "--role", "negative",
+                     "--eta", "0.5", "--out", str(out), "-q"]) == 0
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    with SafetensorsReader(tmp_path / "streamed.safetensors") as out, SafetensorsReader(middle) as target:
+        for name in rest:
+            assert torch.equal(out.tensor(name), target.tensor(name)), name  # theta_c unchanged by an NPO delta

@@ -476,6 +476,8 @@ class SafetensorsWriter:
         spec = self._expect(name)
         buffer, self._lent = self._lent, None
         if buffer is None or part.data_ptr() != buffer.data_ptr() or part.dtype != spec.dtype:
+            if buffer is not None:
+                self._ring.put(buffer)
             raise ValueError(f"{self.path}: write_part() takes the {spec.dtype} buffer staging() lent")
         nbytes = part.numel() * part.element_size()
         if self._written + nbytes > spec.nbytes:
