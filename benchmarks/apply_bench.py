@@ -5,6 +5,8 @@
     python benchmarks/synth.py sd1 .bench/sd15-base.safetensors --seed 2
     python benchmarks/apply_bench.py sd1 [--mecha-python /path/to/venv/bin/python]
     python benchmarks/apply_bench.py sdxl
+    mkdir /tmp/before && git archive 8c79739 | tar -x -C /tmp/before  # the code before, for --before
+    python benchmarks/apply_bench.py sd1 --before /tmp/before --skip-extract
 
 Rows: `cp` of the target; `npo-merge apply` of a rank-64 LoRA on every UNet linear and conv layer;
 `npo-merge apply` of a full fp16 delta (every UNet and text-encoder tensor); for sd1 also the
@@ -13,7 +15,9 @@ add_difference (if a Python with sd-mecha is given). Every command runs under /u
 fresh process after its inputs were read once into the page cache and pending writes were synced;
 rows take turns (repeat 1 of every row, then repeat 2...), and the 1-minute load average is kept
 with each run. Apply rows run twice: with an empty sha256 cache (inputs are hashed during the
-run) and with a warm one (filled by an untimed run first). Results: benchmarks/results/apply-ARCH.json.
+run) and with a warm one (filled by an untimed run first). With --before DIR, both apply commands
+also run with DIR first on PYTHONPATH (older code, in the same turns). Results:
+benchmarks/results/apply-ARCH.json.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def main() -> None:
     parser.add_argument("arch", choices=sorted(FILES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mecha-python", help="a python that has sd-mecha installed (sd1 add-difference row)")
+    parser.add_argument("--skip-extract", action="store_true", help="leave out the sd1 add-difference rows")
+    parser.add_argument("--before", type=Path, help="a checkout of an older npo_merge: its apply rows run too, for comparison")
     args = parser.parse_args()
     name = FILES[args.arch]
     target = BENCH / f"{name}.safetensors"
@@ -115,8 +121,12 @@ def main() -> None:
         ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache empty", full_cmd, [target, full], None),
         ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache warm", full_cmd, [target, full], warm),
     ]
+    if args.before:
+        older = ["env", f"PYTHONPATH={args.before.resolve()}", sys.executable, "-P", "-m", "npo_merge"]  # -P: not ./npo_merge
+        rows.append(("npo-merge apply (--before checkout), rank-64 LoRA", [*older, *lora_cmd[len(npo):]], [target, lora], None))
+        rows.append(("npo-merge apply (--before checkout), full fp16 delta", [*older, *full_cmd[len(npo):]], [target, full], None))
     tuned, base = BENCH / f"{name}-tuned.safetensors", BENCH / f"{name}-base.safetensors"
-    if args.arch == "sd1" and tuned.exists() and base.exists():
+    if args.arch == "sd1" and tuned.exists() and base.exists() and not args.skip_extract:
         diff = BENCH / f"{name}-tuned-minus-base.safetensors"
         rows.append(("npo-merge extract B - C (fp16 full delta)",
                      [*npo, "extract", "--base", str(base), "--tuned", str(tuned), "--out", str(diff), "--dtype", "fp16", "-q"],
