@@ -76,6 +76,11 @@ def _explicit(target: Path, deltas: list[tuple[Path, float]], dtype: torch.dtype
     return expected
 
 
+def _use_the_whole_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make apply treat safetensors files like any other source: read each tensor, add, write it whole."""
+    monkeypatch.setattr(apply_module, "SafetensorsReader", type("NotAReader", (), {}))
+
+
 CASES = {
     "full fp16 on fp16, scale 1": ("t16", [("full", 1.0)], None),
     "full fp16 on fp16, scale 0.7": ("t16", [("full", 0.7)], None),
@@ -104,11 +109,7 @@ def test_streamed_output_equals_whole_tensor_path_and_fp32_sum(inputs: dict[str,
         monkeypatch.setattr(SafetensorsWriter, method, counted)
     streamed = _apply(target, deltas, tmp_path / "streamed.safetensors", dtype)
     assert calls["write_part"] > 0 and (calls["copy"] > 0 or dtype is not None)  # a dtype change converts floats
-
-    class NotAReader:  # the whole-tensor path: read each tensor, add in chunks, write it whole
-        pass
-
-    monkeypatch.setattr(apply_module, "SafetensorsReader", NotAReader)
+    _use_the_whole_tensor_path(monkeypatch)
     whole = _apply(target, deltas, tmp_path / "whole.safetensors", dtype)
     assert streamed.read_bytes() == whole.read_bytes()
 
@@ -153,7 +154,7 @@ def test_a_replaced_branch_in_the_middle_of_the_file_is_left_out_of_the_copied_r
     outputs = []
     for label in ("streamed", "whole"):
         if label == "whole":
-            monkeypatch.setattr(apply_module, "SafetensorsReader", type("NotAReader", (), {}))
+            _use_the_whole_tensor_path(monkeypatch)
         out = tmp_path / f"{label}.safetensors"
         assert main(["apply", "--target", str(middle), "--delta", str(inputs["lora"]), "--role", "negative",
                      "--eta", "0.5", "--out", str(out), "-q"]) == 0
