@@ -5,12 +5,19 @@
     python benchmarks/synth.py sd1 .bench/sd15-base.safetensors --seed 2
     python benchmarks/apply_bench.py sd1 [--mecha-python /path/to/venv/bin/python]
     python benchmarks/apply_bench.py sdxl
+    mkdir /tmp/before && git archive 8c79739 | tar -x -C /tmp/before  # the code before, for --before
+    python benchmarks/apply_bench.py sd1 --before /tmp/before --skip-extract
 
 Rows: `cp` of the target; `npo-merge apply` of a rank-64 LoRA on every UNet linear and conv layer;
 `npo-merge apply` of a full fp16 delta (every UNet and text-encoder tensor); for sd1 also the
 add-difference job A + (B - C) as `npo-merge extract` then `apply`, and as sd-mecha's
 add_difference (if a Python with sd-mecha is given). Every command runs under /usr/bin/time in a
-fresh process after its inputs were read once into the page cache and pending writes were synced.
+fresh process after its inputs were read once into the page cache and pending writes were synced;
+rows take turns (repeat 1 of every row, then repeat 2...), and the 1-minute load average is kept
+with each run. Apply rows run twice: with an empty sha256 cache (inputs are hashed during the
+run) and with a warm one (filled by an untimed run first). With --before DIR, both apply commands
+also run with DIR first on PYTHONPATH (older code, in the same turns). Results:
+benchmarks/results/apply-ARCH.json.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,16 +38,20 @@ BENCH = ROOT / ".bench"
 FILES = {"sd1": "sd15", "sdxl": "sdxl"}
 
 
-def _run(command: list[str], inputs: list[Path]) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of one command, inputs warm in the page cache."""
+def _run(command: list[str], inputs: list[Path], cache: str | None) -> tuple[float, int, float]:
+    """(seconds, peak RSS bytes, load average before) of one command, inputs warm in the page
+    cache; `cache` is the sha256 cache folder it gets (None: a new empty one)."""
     for path in inputs:
         subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
     subprocess.run(["sync"], check=True)
-    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True)
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as empty:
+        env = {**os.environ, "NPO_MERGE_CACHE": cache or empty}
+        done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{command} failed: {done.stderr[-2000:]}")
     seconds, kib = done.stderr.strip().splitlines()[-1].split()
-    return float(seconds), int(kib) * 1024
+    return float(seconds), int(kib) * 1024, load
 
 
 def _lora(target: Path, out: Path, rank: int = 64) -> Path:
@@ -89,6 +101,8 @@ def main() -> None:
     parser.add_argument("arch", choices=sorted(FILES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mecha-python", help="a python that has sd-mecha installed (sd1 add-difference row)")
+    parser.add_argument("--skip-extract", action="store_true", help="leave out the sd1 add-difference rows")
+    parser.add_argument("--before", type=Path, help="a checkout of an older npo_merge: its apply rows run too, for comparison")
     args = parser.parse_args()
     name = FILES[args.arch]
     target = BENCH / f"{name}.safetensors"
@@ -96,42 +110,55 @@ def main() -> None:
     lora = _lora(target, BENCH / f"{name}-lora-r64.safetensors")
     full = _full_delta(target, BENCH / f"{name}-full-delta.safetensors")
     npo = [sys.executable, "-m", "npo_merge"]
-    rows: list[tuple[str, list[str], list[Path]]] = [
-        ("cp of the target", ["cp", str(target), str(out)], [target]),
-        ("npo-merge apply, rank-64 LoRA (all UNet linear+conv)",
-         [*npo, "apply", "--target", str(target), "--delta", str(lora), "--out", str(out), "-q"], [target, lora]),
-        ("npo-merge apply, full fp16 delta (UNet + text encoder)",
-         [*npo, "apply", "--target", str(target), "--delta", str(full), "--out", str(out), "-q"], [target, full]),
+    warm = tempfile.mkdtemp(prefix="apply-bench-sha256-")
+    lora_cmd = [*npo, "apply", "--target", str(target), "--delta", str(lora), "--out", str(out), "-q"]
+    full_cmd = [*npo, "apply", "--target", str(target), "--delta", str(full), "--out", str(out), "-q"]
+    # (label, command, inputs, sha256 cache: None = empty for each run, else this warm folder)
+    rows: list[tuple[str, list[str], list[Path], str | None]] = [
+        ("cp of the target", ["cp", str(target), str(out)], [target], None),
+        ("npo-merge apply, rank-64 LoRA (all UNet linear+conv), sha256 cache empty", lora_cmd, [target, lora], None),
+        ("npo-merge apply, rank-64 LoRA (all UNet linear+conv), sha256 cache warm", lora_cmd, [target, lora], warm),
+        ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache empty", full_cmd, [target, full], None),
+        ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache warm", full_cmd, [target, full], warm),
     ]
+    if args.before:
+        older = ["env", f"PYTHONPATH={args.before.resolve()}", sys.executable, "-P", "-m", "npo_merge"]  # -P: not ./npo_merge
+        rows.append(("npo-merge apply (--before checkout), rank-64 LoRA", [*older, *lora_cmd[len(npo):]], [target, lora], None))
+        rows.append(("npo-merge apply (--before checkout), full fp16 delta", [*older, *full_cmd[len(npo):]], [target, full], None))
     tuned, base = BENCH / f"{name}-tuned.safetensors", BENCH / f"{name}-base.safetensors"
-    if args.arch == "sd1" and tuned.exists() and base.exists():
+    if args.arch == "sd1" and tuned.exists() and base.exists() and not args.skip_extract:
         diff = BENCH / f"{name}-tuned-minus-base.safetensors"
         rows.append(("npo-merge extract B - C (fp16 full delta)",
                      [*npo, "extract", "--base", str(base), "--tuned", str(tuned), "--out", str(diff), "--dtype", "fp16", "-q"],
-                     [base, tuned]))
-        rows.append(("npo-merge apply A + (B - C) (the delta above)",
-                     [*npo, "apply", "--target", str(target), "--delta", str(diff), "--out", str(out), "-q"], [target, diff]))
+                     [base, tuned], None))
+        rows.append(("npo-merge apply A + (B - C) (the delta above), sha256 cache warm for A (B - C is new each time)",
+                     [*npo, "apply", "--target", str(target), "--delta", str(diff), "--out", str(out), "-q"], [target, diff], warm))
         if args.mecha_python:
             script = ("import sd_mecha,sys; a,b,c,o=sys.argv[1:]; "
                       "sd_mecha.merge(sd_mecha.add_difference(sd_mecha.model(a), sd_mecha.model(b), sd_mecha.model(c), alpha=1.0), output=o)")
             rows.append(("sd-mecha add_difference A + (B - C)",
-                         [args.mecha_python, "-c", script, str(target), str(tuned), str(base), str(out)], [target, tuned, base]))
-    results = []
-    for label, command, inputs in rows:
-        runs = []
-        for _ in range(args.repeats):
-            runs.append(_run(command, inputs))
+                         [args.mecha_python, "-c", script, str(target), str(tuned), str(base), str(out)], [target, tuned, base], None))
+    for _, command, inputs, cache in rows:  # fill the warm cache (untimed)
+        if cache:
+            _run(command, inputs, cache)
             out.unlink(missing_ok=True)
-        seconds = statistics.median(r[0] for r in runs)
-        results.append({"row": label, "seconds": seconds, "runs": [r[0] for r in runs], "peak_rss": max(r[1] for r in runs)})
+    runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, *_ in rows}
+    for _ in range(args.repeats):
+        for label, command, inputs, cache in rows:
+            runs[label].append(_run(command, inputs, cache))
+            out.unlink(missing_ok=True)
+    results = [{"row": label, "seconds": statistics.median(r[0] for r in done), "runs": [r[0] for r in done],
+                "load_average": [r[2] for r in done], "peak_rss": max(r[1] for r in done)} for label, done in runs.items()]
     cp_seconds = results[0]["seconds"]
     size = target.stat().st_size
     print(f"target {target.name}: {size / 1e9:.2f} GB; median of {args.repeats} runs; torch {torch.__version__}; {os.cpu_count()} cores\n")
-    print("| job | wall time | x cp | peak RSS |")
-    print("|---|---|---|---|")
+    print("| job | wall time | x cp | peak RSS | load average |")
+    print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['row']} | {r['seconds']:.1f} s | {r['seconds'] / cp_seconds:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB |")
-    (BENCH / f"apply-{args.arch}.json").write_text(json.dumps(results, indent=2))
+        loads = r["load_average"]
+        print(f"| {r['row']} | {r['seconds']:.1f} s | {r['seconds'] / cp_seconds:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB "
+              f"| {min(loads):.1f}-{max(loads):.1f} |")
+    (ROOT / "benchmarks" / "results" / f"apply-{args.arch}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -245,15 +245,23 @@ def test_disk_full_leaves_no_partial_output_and_inputs_intact(pair: dict[str, Pa
     from npo_merge.io import safetensors_stream
 
     calls = {"n": 0}
-    original = safetensors_stream.SafetensorsWriter.write
+    write_all, copy_bytes = safetensors_stream.SafetensorsWriter._write_all, safetensors_stream.copy_bytes
 
-    def failing_write(self, name, tensor):  # the disk fills up after 100 tensors
+    def disk_fills_up() -> None:  # after the header and 3 more writes or copies
         calls["n"] += 1
-        if calls["n"] > 100:
+        if calls["n"] > 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, name, tensor)
 
-    monkeypatch.setattr(safetensors_stream.SafetensorsWriter, "write", failing_write)
+    def failing_write(self, data):
+        disk_fills_up()
+        return write_all(self, data)
+
+    def failing_copy(*args):
+        disk_fills_up()
+        return copy_bytes(*args)
+
+    monkeypatch.setattr(safetensors_stream.SafetensorsWriter, "_write_all", failing_write)
+    monkeypatch.setattr(safetensors_stream, "copy_bytes", failing_copy)
     with open_checkpoint(pair["base"]) as target, open_delta(lora) as delta:
         with pytest.raises(OSError):
             apply_plan(plan_apply(target, [Term(delta)]), out)

@@ -144,3 +144,57 @@ def test_a_failing_background_write_surfaces_and_leaves_nothing(tmp_path: Path, 
             for spec in specs:
                 writer.write(spec.name, torch.ones(1024))
     assert list(tmp_path.iterdir()) == []
+
+
+def _copy_and_parts(source: Path, out: Path) -> None:
+    """Rewrite `source`: its first two tensors (in file order) copied as bytes, the rest in row parts."""
+    with SafetensorsReader(source) as reader:
+        names = sorted(reader, key=lambda n: reader[n].start)
+        specs = [TensorSpec(n, reader[n].dtype, reader[n].shape) for n in names]
+        with SafetensorsWriter(out, specs, reader.metadata) as writer:
+            writer.copy(names[:2], reader.fileno(), reader[names[0]].start)
+            for name in names[2:]:
+                info = reader[name]
+                if not info.numel:
+                    writer.write(name, reader.tensor(name))
+                    continue
+                for start in range(info.shape[0]):
+                    part = writer.staging(info.numel // info.shape[0], info.dtype)
+                    reader.read_into(name, part, (start, start + 1))
+                    writer.write_part(name, part)
+
+
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "sendfile", "read and write"])
+def test_byte_copies_and_parts_write_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: str) -> None:
+    import errno
+    import os
+
+    def refused(*args: object) -> int:
+        raise OSError(errno.ENOSYS, "not here")
+
+    if kernel_copy != "copy_file_range":
+        monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
+    if kernel_copy == "read and write":
+        monkeypatch.setattr(os, "sendfile", refused, raising=False)
+    save_tensors(tmp_path / "src.safetensors", _tensors(), {"k": "v"})
+    _copy_and_parts(tmp_path / "src.safetensors", tmp_path / "out.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "src.safetensors").read_bytes()
+
+
+def test_copy_of_a_shrunken_source_and_oversized_parts_fail_cleanly(tmp_path: Path) -> None:
+    from npo_merge.io.safetensors_stream import copy_bytes
+
+    (tmp_path / "short.bin").write_bytes(b"12345")
+    with open(tmp_path / "short.bin", "rb") as src, open(tmp_path / "dst.bin", "wb") as dst:
+        with pytest.raises(InputError, match="ended 5 bytes early"):
+            copy_bytes(src.fileno(), dst.fileno(), 0, 10)
+    spec = TensorSpec("x", torch.float32, (2, 3))
+    with pytest.raises(InputError, match="exceed its declared 24 bytes"):
+        with SafetensorsWriter(tmp_path / "out.safetensors", [spec]) as writer:
+            writer.write_part("x", writer.staging(4, torch.float32).zero_())
+            writer.write_part("x", writer.staging(4, torch.float32).zero_())
+    with pytest.raises(InputError, match="partly written"):
+        with SafetensorsWriter(tmp_path / "out.safetensors", [spec]) as writer:
+            writer.write_part("x", writer.staging(3, torch.float32).zero_())
+            writer.write("x", torch.zeros(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "short.bin"]

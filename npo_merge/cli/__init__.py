@@ -13,20 +13,27 @@ from npo_merge.errors import NpoMergeError
 
 # Each command lives in its own module exposing `register(subparsers)`; the module's
 # parser sets `func` to a callable taking the parsed args and returning an exit code.
-COMMAND_MODULES = [
-    "npo_merge.cli.inspect_cmd",
-    "npo_merge.cli.extract_cmd",
-    "npo_merge.cli.combine_cmd",
-    "npo_merge.cli.apply_cmd",
-    "npo_merge.cli.convert_cmd",
-    "npo_merge.cli.merge_cmd",
-    "npo_merge.cli.sample_cmd",
-    "npo_merge.cli.targets_cmd",
-    "npo_merge.cli.train_cmd",
-]
+COMMANDS = {
+    "inspect": "npo_merge.cli.inspect_cmd",
+    "extract": "npo_merge.cli.extract_cmd",
+    "combine": "npo_merge.cli.combine_cmd",
+    "apply": "npo_merge.cli.apply_cmd",
+    "convert": "npo_merge.cli.convert_cmd",
+    "merge": "npo_merge.cli.merge_cmd",
+    "sample": "npo_merge.cli.sample_cmd",
+    "targets": "npo_merge.cli.targets_cmd",
+    "train": "npo_merge.cli.train_cmd",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested(argv: Sequence[str]) -> str | None:
+    """The command named on the line (the first word that is not an option), if it is a known one."""
+    word = next((arg for arg in argv if not arg.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with `command`, only that subcommand's module is imported (a faster start)."""
     parser = argparse.ArgumentParser(
         prog="npo-merge",
         description="Weight deltas for diffusion models: inspect, extract, combine, apply, sample, train.",
@@ -36,15 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for name in [command] if command else COMMANDS:
+        importlib.import_module(COMMANDS[name]).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    parser = build_parser()
+    parser = build_parser(_requested(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from npo_merge.progress import tqdm_progress
 from npo_merge.steps import DTYPES, Context, DeltaRef
@@ -50,14 +51,19 @@ def delta_refs(args: argparse.Namespace) -> list[DeltaRef]:
 
 def context(args: argparse.Namespace) -> Context:
     """The step context for a command line: tqdm bars unless --quiet, models resolved as targets."""
+    quiet = getattr(args, "quiet", False)
+    return Context(resolve_model=lambda spec: _resolve_model(spec, quiet), progress=tqdm_progress(quiet))
+
+
+def _resolve_model(spec: str, quiet: bool) -> Path:
+    """A model name/Hub repo -> local path; the Hub client is imported only when a name needs it."""
     from npo_merge.targets import resolve_target
 
-    if getattr(args, "quiet", False):
+    if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    return Context(resolve_model=lambda spec: resolve_target(spec).path,
-                   progress=tqdm_progress(getattr(args, "quiet", False)))
+    return resolve_target(spec).path
 
 
 def print_lines(lines: list[str]) -> int:

@@ -19,6 +19,7 @@ import torch
 from npo_merge import __version__
 from npo_merge.delta.types import ROLES, BaseFingerprint, LowRank, Role
 from npo_merge.errors import FormatError, InputError, KeyMappingError
+from npo_merge.io.buffers import Buffers
 from npo_merge.io.detect import DELTA_FORMAT_KEY, detect_kind
 from npo_merge.io.keymap.architectures import ARCHITECTURES
 from npo_merge.io.keymap.tables import canonical_keys
@@ -74,16 +75,22 @@ class Delta:
     def architecture(self) -> str:
         return self.architectures[0] if len(self.architectures) == 1 else " or ".join(self.architectures)
 
-    def dense(self, key: str, rows: tuple[int, int] | None = None, *, stored_dtype: bool = False) -> torch.Tensor:
+    def dense(self, key: str, rows: tuple[int, int] | None = None, *, stored_dtype: bool = False,
+              buffers: Buffers | None = None) -> torch.Tensor:
         """The dense fp32 delta of one canonical tensor, or of rows [start, stop) of it.
 
         `stored_dtype` returns a full delta as stored (e.g. fp16), for callers that add it in one
-        fused step computed in fp32 (saves a conversion pass); LoRA deltas are always fp32.
+        fused step computed in fp32 (saves a conversion pass); LoRA deltas are always fp32. With
+        `buffers` and `rows`, the result lives in a reused buffer (valid until the next such call).
         """
         if key not in self.keys:
             raise KeyMappingError(f"{self.path}: no delta for {key!r}")
         if self._lora is None:
             assert self._reader is not None
+            if buffers is not None and rows is not None and stored_dtype:
+                info = self._reader.info(key)
+                numel = (rows[1] - rows[0]) * (info.numel // info.shape[0])
+                return self._reader.read_into(key, buffers.get("delta", numel, info.dtype), rows)
             stored = self._reader.tensor(key, rows)
             return stored if stored_dtype else stored.float()
         factors = self.lowrank(key.rsplit(".", 1)[0])
@@ -91,15 +98,20 @@ class Delta:
             return factors.to_dense()
         up = factors.up[rows[0]:rows[1]].reshape(rows[1] - rows[0], factors.rank)
         down = factors.down.reshape(factors.rank, -1)
-        return ((up @ down) * factors.scale).reshape(rows[1] - rows[0], *factors.weight_shape[1:])
+        shape = (rows[1] - rows[0], *factors.weight_shape[1:])
+        if buffers is None:
+            return ((up @ down) * factors.scale).reshape(shape)
+        out = buffers.get("delta", up.shape[0] * down.shape[1], torch.float32).view(up.shape[0], down.shape[1])
+        return torch.matmul(up, down, out=out).mul_(factors.scale).reshape(shape)
 
     def lowrank(self, module: str) -> LowRank:
         """One module's factors (fp32); the last one read is kept, so row-chunked reads load it once."""
         if self._lora is None:
             raise InputError(f"{self.path}: a full delta has no low-rank factors")
-        if self._last is None or self._last[0] != module:
-            self._last = (module, self._lora.lowrank(module))
-        return self._last[1]
+        last = self._last  # read once: apply may ask from two threads
+        if last is None or last[0] != module:
+            last = self._last = (module, self._lora.lowrank(module))
+        return last[1]
 
     @property
     def modules(self) -> list[str]:

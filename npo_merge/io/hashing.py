@@ -1,8 +1,9 @@
 """sha256 fingerprints of inputs, computed in background threads while the main work streams.
 
 hashlib releases the GIL on large updates, so hashing a checkpoint alongside an apply costs little
-wall time on a multi-core machine. A folder's fingerprint is the sha256 of its weight files' names
-and digests, so it does not depend on configs, tokenizers or file order on disk.
+wall time on a multi-core machine, and digests of unchanged files come from a cache (hash_cache). A
+folder's fingerprint is the sha256 of its weight files' names and digests, so it does not depend on
+configs, tokenizers or file order on disk.
 """
 
 from __future__ import annotations
@@ -12,15 +13,23 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from npo_merge.io.hash_cache import cached_sha256, store_sha256
+
 _CHUNK = 8 * 1024 * 1024
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file's bytes, from the digest cache when the file is unchanged since it was hashed."""
+    path = Path(path)
     with open(path, "rb") as fh:
+        stat = os.fstat(fh.fileno())
+        if (known := cached_sha256(path, stat)) is not None:
+            return known
+        digest = hashlib.sha256()
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+    store_sha256(path, stat, digest.hexdigest())
     return digest.hexdigest()
 
 
