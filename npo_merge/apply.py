@@ -349,8 +349,9 @@ def apply_plan(plan: ApplyPlan, out: str | os.PathLike[str], *, dtype: torch.dty
 
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
-    """Element-wise streaming gains nothing from intra-op threads, and with the hashing thread
-    beside it, OpenMP threads waiting on a busy core made apply several times slower (measured)."""
+    """Torch ops on one intra-op thread inside the block. Element-wise streaming gains nothing from
+    intra-op threads, and with the hashing thread beside it, OpenMP threads waiting on a busy core
+    made apply several times slower (measured)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

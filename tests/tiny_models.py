@@ -8,14 +8,15 @@ the SDXL transformer stacks and the text encoders are shrunk. Every builder is s
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
 
+# Tiny models are overhead-bound, and on a shared 2-core machine OpenMP threads waiting on each other
+# made one tiny UNet call 20-50x slower (measured: 0.15 s -> 5 s): tests run them on one thread.
+from npo_merge.apply import single_threaded_torch as one_torch_thread  # noqa: F401
 from npo_merge.delta.types import LowRank
 
 TOKENIZER_MAX_LENGTH = 16
@@ -29,18 +30,6 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch ops single-threaded: tiny models are overhead-bound, and on a shared 2-core machine
-    OpenMP threads waiting on each other made one tiny UNet call 20-50x slower (measured: 0.15 s -> 5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tiny_sd15_unet(seed: int = 0) -> nn.Module:
