@@ -25,6 +25,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,6 +54,18 @@ def _per_call_us(fn, calls: int = 2000, runs: int = 7) -> float:
     return statistics.median(times)
 
 
+@contextmanager
+def jit_launches() -> Iterator[None]:
+    """Every launch through JITFunction.run (direct launches off, variants forgotten before and after)."""
+    kernel_module._DIRECT_LAUNCH = False
+    kernel_module._launch_plan.cache_clear()
+    try:
+        yield
+    finally:
+        kernel_module._DIRECT_LAUNCH = True
+        kernel_module._launch_plan.cache_clear()
+
+
 def main() -> None:
     torch.manual_seed(0)
     dtype, device, rank = torch.float16, "cuda", 8
@@ -64,17 +78,9 @@ def main() -> None:
     args = (x, linear.weight, linear.bias, npo_auto.down, npo_auto.up, npo_auto.scale, 64)
     launcher = kernel_module.dual_branch_linear_triton
 
-    def jit_launch() -> torch.Tensor:
-        kernel_module._DIRECT_LAUNCH = False
-        kernel_module._launch_plan.cache_clear()
-        try:
-            return launcher(*args)
-        finally:
-            kernel_module._DIRECT_LAUNCH = True
-            kernel_module._launch_plan.cache_clear()
-
     with torch.inference_mode():
-        reference = jit_launch()
+        with jit_launches():
+            reference = launcher(*args)
         launcher(*args)  # compiles and records the variant
         direct = launcher(*args)  # a direct launch
         torch.cuda.synchronize()
@@ -90,11 +96,8 @@ def main() -> None:
             "empty": lambda: torch.empty((2, 64, 320), device=device, dtype=dtype),
         }
         results = {name: _per_call_us(fn) for name, fn in rows.items()}
-        kernel_module._DIRECT_LAUNCH = False
-        kernel_module._launch_plan.cache_clear()
-        results["launcher_jit"] = _per_call_us(lambda: launcher(*args))
-        kernel_module._DIRECT_LAUNCH = True
-        kernel_module._launch_plan.cache_clear()
+        with jit_launches():
+            results["launcher_jit"] = _per_call_us(lambda: launcher(*args))
     import triton
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
