@@ -8,7 +8,6 @@ times per layer call, median, both under CUDA graphs (replays of a captured run 
   t_plain   the Triton kernel with no uncond rows (how far the kernel's GEMM is from cuBLAS)
   fused     Triton, shrink and expand fused into the GEMM (shrink recomputed per column tile)
   separate  Triton, shrink as one cuBLAS product first, expand fused into the GEMM epilogue
-  tma_*     the same three for the Hopper kernel (dual_linear_tma: x, W and A tiles by TMA)
   op        torch.ops.npo_merge.dual_branch_linear (auto choice between the two, op dispatch included)
   eager_fn  dual_branch_linear_eager: the same auto choice without the op's dispatch (eager inference)
   unfused   cuBLAS GEMM + shrink + expand added in place on the uncond rows (3 launches)
@@ -68,14 +67,11 @@ SWEEP_CONFIGS = [
     (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 2), (128, 128, 128, 8, 8, 2), (128, 256, 64, 8, 8, 3),
     (64, 128, 64, 8, 4, 3), (64, 128, 128, 8, 4, 3), (128, 64, 64, 8, 4, 3), (64, 64, 128, 8, 4, 3),
     (64, 32, 128, 8, 4, 3), (64, 64, 64, 8, 4, 2),
-    (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-    (128, 256, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4), (128, 128, 64, 4, 8, 4), (128, 128, 128, 8, 8, 3),
 ]
-SWEEP_METHODS = ("t_plain", "fused", "tma_plain", "tma_fused")
+SWEEP_METHODS = ("t_plain", "fused")
 SCALE = 0.75
 DEVICE = "cuda"  # "cpu" with --smoke: the Triton interpreter on tiny shapes, to check the script itself
-METHODS = ["plain", "t_plain", "fused", "separate", "tma_plain", "tma_fused", "tma_separate", "op", "eager_fn",
-           "unfused", "two_w"]
+METHODS = ["plain", "t_plain", "fused", "separate", "op", "eager_fn", "unfused", "two_w"]
 
 
 def _layer(m: int, k: int, n: int, rank: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -111,11 +107,6 @@ def _methods(t: dict[str, torch.Tensor], n_uncond: int, config=None) -> dict[str
         "fused": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, n_uncond, shrink="fused", config=config),
         "separate": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, n_uncond, shrink="separate",
                                                       config=config),
-        "tma_plain": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, 0, config=config, tma=True),
-        "tma_fused": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, n_uncond, shrink="fused",
-                                                       config=config, tma=True),
-        "tma_separate": lambda: dual_branch_linear_triton(x, w, b, d, u, SCALE, n_uncond, shrink="separate",
-                                                          config=config, tma=True),
         "op": lambda: op(x, w, b, d, u, SCALE, n_uncond),
         "eager_fn": lambda: dual_branch_linear_eager(x, w, b, d, u, SCALE, n_uncond),
         "unfused": lambda: dual_branch_linear_unfused(x, w, b, d, u, SCALE, n_uncond),
@@ -139,14 +130,14 @@ def _check(t: dict[str, torch.Tensor], n_uncond: int, methods: dict[str, object]
     ref_plain = F.linear(t64["x"], t64["weight"], t64["bias"])
     errors = {}
     for name, fn in methods.items():
-        if name in ("fused", "separate", "tma_fused", "tma_separate"):  # write into a NaN-poisoned buffer: unwritten elements fail
+        if name in ("fused", "separate"):  # write into a NaN-poisoned buffer: unwritten elements fail
             out = torch.full((t["x"].shape[0], t["weight"].shape[0]), float("nan"), dtype=t["x"].dtype,
                              device=DEVICE)
             dual_branch_linear_triton(t["x"], t["weight"], t["bias"], t["down"], t["up"], SCALE, n_uncond,
-                                      shrink=name.removeprefix("tma_"), out=out, tma=name.startswith("tma_"))
+                                      shrink=name, out=out)
         else:
             out = fn()
-        errors[name] = _rel_err(out, ref_plain if name.endswith("plain") else ref)
+        errors[name] = _rel_err(out, ref_plain if name in ("plain", "t_plain") else ref)
     return errors
 
 
@@ -216,8 +207,7 @@ def _precompile_job(job: tuple) -> str:
     cfg = KernelConfig(*config) if config else None
     try:
         for fn_name, fn in _methods(t, m // 2, cfg).items():
-            if fn_name in (SWEEP_METHODS if config else ("t_plain", "fused", "separate", "op", "tma_plain",
-                                                          "tma_fused", "tma_separate")):
+            if fn_name in (SWEEP_METHODS if config else ("t_plain", "fused", "separate", "op")):
                 fn()
         torch.cuda.synchronize()
     except Exception as error:  # reported again, with its config, when the main process runs it
@@ -273,7 +263,7 @@ def _sweep(dtype: torch.dtype, rank: int) -> list[dict]:
                     row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
             rows.append(row)
             print(f"sweep {name} r{rank} {config}: " + " ".join(
-                f"{key}={row[key]:.1f}" for key in ("plain_us", *(f"{m}_us" for m in SWEEP_METHODS))
+                f"{key}={row[key]:.1f}" for key in ("plain_us", "t_plain_us", "fused_us")
                 if row.get(key) is not None), flush=True)
     return rows
 
@@ -358,10 +348,9 @@ def _markdown(env: dict, results: list[dict]) -> str:
     lines = [f"{env['card']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, {env['date']}; "
              f"ceilings {env['gemm_tflops']:.0f} TFLOP/s, {env['copy_gbps']:.0f} GB/s",
              "",
-             "| shape (M,K,N) | r | plain us graph / eager | fused | separate | tma_fused | tma_separate | op (auto) "
-             "| unfused | two_w | t_plain | tma_plain | eager_fn eager x | op eager x | unfused eager x | two_w eager x "
-             "| best TFLOP/s | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape (M,K,N) | r | plain us graph / eager | fused | separate | op (auto) | unfused | two_w "
+             "| t_plain | eager_fn eager x | op eager x | unfused eager x | two_w eager x | best TFLOP/s | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         g, e = r["graph_us"], r["eager_us"]
 
@@ -370,9 +359,9 @@ def _markdown(env: dict, results: list[dict]) -> str:
 
         lines.append(
             f"| {r['shape']} ({r['m']},{r['k']},{r['n']}) | {r['rank']} | {g['plain']:.1f} / {e['plain']:.1f} | {ratio('fused')} "
-            f"| {ratio('separate')} | {ratio('tma_fused')} | {ratio('tma_separate')} | {ratio('op')} ({r['auto_mode'][0]}) "
-            f"| {ratio('unfused')} | {ratio('two_w')} | {ratio('t_plain')} | {ratio('tma_plain')} | {ratio('eager_fn', e)} | {ratio('op', e)} | {ratio('unfused', e)} | {ratio('two_w', e)} "
-            f"| {max(r['tflops_graph'][key] for key in ('fused', 'separate', 'tma_fused', 'tma_separate')):.0f} | {max(r['rel_err'].values()):.1e} |")
+            f"| {ratio('separate')} | {ratio('op')} ({r['auto_mode'][0]}) | {ratio('unfused')} | {ratio('two_w')} "
+            f"| {ratio('t_plain')} | {ratio('eager_fn', e)} | {ratio('op', e)} | {ratio('unfused', e)} | {ratio('two_w', e)} "
+            f"| {max(r['tflops_graph'][key] for key in ('fused', 'separate')):.0f} | {max(r['rel_err'].values()):.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -414,7 +414,7 @@ class DualBranchLinear(DualBranchLayer):
         if self._takes_fused(x, down.shape[0]):
             rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
             y = fused(x, weight, bias, down, up, scale, rows)
-            binder = fused_binder() if key is not None and not key[-1] else None  # bound launches are eager-only
+            binder = fused_binder() if key is not None else None
             bound = binder(x, weight, bias, down, up, rows) if binder is not None else None
             route = bound or (lambda x, w, b, d, u, s: fused(x, w, b, d, u, s, rows))
         else:

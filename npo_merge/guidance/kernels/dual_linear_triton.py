@@ -373,16 +373,12 @@ def dual_branch_linear_triton(
     shrink: ShrinkMode = "auto",
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
-    tma: bool | None = None,
 ) -> torch.Tensor:
     """Launch the dual-branch kernel (arguments as the custom op; shapes are checked by the caller).
 
     No host sync and output of a fixed size, so it can be captured in a CUDA graph once compiled:
     run it once before capture. ``shrink`` and ``config`` override the per-shape choice (benchmarks);
     ``out``, a contiguous (rows, out_features) tensor of x's dtype, receives the result (tests poison it).
-    ``tma``: run the Hopper kernel of ``dual_linear_tma`` where TMA can describe the tensors; by default
-    on Hopper while a CUDA graph is being captured (its per-call descriptor setup costs host time, which
-    a graph replay does not pay again; eager calls keep the pointer kernel and its direct launches).
     Rows of x and of the weight may be strided views; other layouts are made contiguous first.
     """
     out_features, in_features = weight.shape
@@ -406,11 +402,6 @@ def dual_branch_linear_triton(
         down, up = down.contiguous(), up.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    if tma is None:
-        tma = x.is_cuda and not INTERPRETED and torch.cuda.is_current_stream_capturing() and _hopper(x.device)
-    if tma and _tma_launch(rows.reshape(-1, in_features), weight, bias, down, up, out.view(m, out_features),
-                           scale, n_uncond, shrink, config):
-        return out if out.dim() == x.dim() else out.reshape(*x.shape[:-1], out_features)
     variant = _launch_plan(m, out_features, in_features, rank, x.dtype, bias is not None,
                            n_uncond, shrink, config, _dot_precision(x.dtype))
     # `out` stands in for pointers the variant never reads (no bias; the shrink when it is fused).
@@ -420,26 +411,3 @@ def dual_branch_linear_triton(
     variant.launch((rows, weight, bias if bias is not None else out, down, up, shrunk, out,
                     m, out_features, in_features, rank, n_uncond, float(scale), row_stride, weight.stride(0)))
     return out if out.dim() == x.dim() else out.reshape(*x.shape[:-1], out_features)
-
-
-def _hopper(device: torch.device) -> bool:
-    from npo_merge.guidance.kernels import dual_linear_tma
-
-    return dual_linear_tma.hopper(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _tma_launch(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
-                up: torch.Tensor, out: torch.Tensor, scale: float, n_uncond: int, shrink: ShrinkMode,
-                config: KernelConfig | None) -> bool:
-    """Run the TMA kernel on 2-D views if the tensors qualify; False leaves the call to the pointer kernel."""
-    from npo_merge.guidance.kernels import dual_linear_tma
-
-    if not dual_linear_tma.supports(rows, weight, down, out):
-        return False
-    (m, k), (n, rank) = rows.shape, up.shape
-    cfg = config or dual_linear_tma.pick_tma_config(m, n, k, rank)
-    mode = pick_shrink_mode(m, n, k, rank, n_uncond, cfg) if shrink == "auto" else shrink
-    shrunk = rows[:n_uncond] @ down.t() if mode == "separate" and n_uncond > 0 else None
-    dual_linear_tma.launch_tma(rows, weight, bias, down, up, shrunk, out, scale, n_uncond, cfg,
-                               _dot_precision(rows.dtype), INTERPRETED and rows.dtype == torch.bfloat16)
-    return True
