@@ -252,6 +252,71 @@ def fused_binder() -> Callable[..., FusedLinear | None] | None:
     return bind_eager
 
 
+def group_binder() -> Callable[..., Callable[..., list[torch.Tensor]] | None] | None:
+    """The kernels package's `bind_group` (one launch for layers that share an input), or None without it."""
+    try:
+        from npo_merge.guidance.kernels.ops import bind_group
+    except ImportError:
+        return None
+    return bind_group
+
+
+# Grouped launches recompute each member's shrink in every column tile (as the fused kernel does);
+# measured faster than the per-layer paths at rank 8 for every SD1.5/SDXL q/k/v and k/v group (H100,
+# CUDA graphs). Larger ranks were not measured grouped, so they keep the per-layer paths.
+GROUP_MAX_RANK = 32
+
+
+class InputGroup:
+    """Low-rank dual-branch linears that read the same input: attention's q/k/v, or cross-attention's k/v.
+
+    Where the kernels package serves the call, the first member called with an input computes every
+    member's output in one launch; each other member called with that very tensor (same object, not
+    modified in place since) takes its output from here. Any other call runs the member alone, so a
+    processor that feeds the members different tensors still gets exact results. Eager inference and
+    CUDA-graph capture only: with autograd or under torch.compile every member runs alone.
+    """
+
+    def __init__(self, members: list[DualBranchLinear]) -> None:
+        self.members = members
+        self._index = {id(member): i for i, member in enumerate(members)}
+        self._runners: dict[tuple, Callable[..., list[torch.Tensor]] | None] = {}
+        self._source: tuple | None = None  # (input, n_uncond, version) the pending outputs were computed from
+        self._pending: dict[int, torch.Tensor] = {}
+        for member in members:
+            member.group = self
+
+    def clear(self) -> None:
+        """Forget bound launches and pending outputs (members moved, or their backend changed)."""
+        self._runners.clear()
+        self._source, self._pending = None, {}
+
+    def output(self, member: DualBranchLinear, x: torch.Tensor, n_uncond: int) -> torch.Tensor | None:
+        """This member's output for x, computed with its siblings' in one launch; None where no kernel serves it."""
+        index = self._index[id(member)]
+        version = -1 if x.is_inference() else x._version
+        if self._source is not None and self._source[0] is x and self._source[1:] == (n_uncond, version):
+            y = self._pending.pop(index, None)
+            if y is not None:
+                if not self._pending:
+                    self._source = None
+                return y
+        rows = n_uncond * math.prod(x.shape[1:-1])  # the kernel counts uncond rows of x flattened to 2-D
+        tensors = [[m._parameters["weight"] for m in self.members], [m._parameters["bias"] for m in self.members],
+                   [m._buffers["down"] for m in self.members], [m._buffers["up"] for m in self.members]]
+        key = (x.shape, x.dtype, x.device, rows)
+        if key not in self._runners:
+            binder = group_binder()
+            self._runners[key] = binder(x, *tensors, rows) if binder is not None else None
+        runner = self._runners[key]
+        if runner is None:
+            return None
+        outs = runner(x, *tensors, [m.scale for m in self.members])
+        self._source = (x, n_uncond, version)
+        self._pending = {i: out for i, out in enumerate(outs) if i != index}
+        return outs[index]
+
+
 def fused_op_available() -> bool:
     """Whether a fused dual-branch linear is there to call (see `fused_entry`)."""
     return fused_entry() is not None
@@ -331,6 +396,7 @@ class DualBranchLinear(DualBranchLayer):
         self.fused: FusedLinear | None = None
         # Eager inference: per input shape, the call that serves it (see _fused_lowrank).
         self._routes: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self.group: InputGroup | None = None  # set by `InputGroup` (enable_npo groups attention's q/k/v)
         weight = linear.weight
         like = {"dtype": weight.dtype, "device": weight.device}
         self.scale = 0.0
@@ -370,11 +436,16 @@ class DualBranchLinear(DualBranchLayer):
         if backend != "torch" and fused is None:
             raise InputError(f"backend {backend!r} needs the {FUSED_OP_NAME} op (npo_merge.guidance.kernels): use 'torch'")
         self.backend, self.fused = backend, fused
-        self._routes.clear()
+        self._forget_routes()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        self._routes.clear()  # .to()/.half()/.cuda(): routes were bound to the old dtype and device
+        self._forget_routes()  # .to()/.half()/.cuda(): routes were bound to the old dtype and device
         return super()._apply(fn, recurse)
+
+    def _forget_routes(self) -> None:
+        self._routes.clear()
+        if self.group is not None:
+            self.group.clear()
 
     def release(self) -> nn.Module:
         if self.strategy == "stacked":
@@ -405,6 +476,10 @@ class DualBranchLinear(DualBranchLayer):
         )
         key = None
         if not (needs_graph or torch.compiler.is_compiling()):
+            if self.group is not None and self.backend == "auto":
+                y = self.group.output(self, x, n_uncond)
+                if y is not None:
+                    return y
             key = (x.shape, x.dtype, x.get_device(), n_uncond, _capturing(x))
             route = self._routes.get(key)
             if route is not None:

@@ -34,7 +34,9 @@ from npo_merge.guidance.dual_branch import (
     BranchMode,
     BranchPath,
     DualBranchLayer,
+    GROUP_MAX_RANK,
     DualBranchLinear,
+    InputGroup,
     delta_problem,
     dual_branch_module,
     fused_op_available,
@@ -131,6 +133,9 @@ def enable_npo(
     for module in modules.values():
         key = f"{type(module).__name__}:{module.strategy}"
         counts[key] = counts.get(key, 0) + 1
+    groups = group_shared_inputs(unet)
+    if groups:
+        counts["InputGroup"] = groups
     return NpoHandle(unet=unet, modules=modules, eta=float(eta), path=path, pipeline=pipeline, counts=counts)
 
 
@@ -249,6 +254,32 @@ def _module_path(key: str) -> str | None:
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
+
+
+def group_shared_inputs(unet: nn.Module) -> int:
+    """Group the dual-branch projections of each attention module that read one input (see `InputGroup`).
+
+    Self-attention's to_q/to_k/to_v all read the hidden states; cross-attention's to_k/to_v read the text
+    states. Members must be low-rank layers on backend "auto" with one shape, rank and dtype, at ranks up
+    to GROUP_MAX_RANK. Returns the number of groups formed.
+    """
+    groups = 0
+    for attention in unet.modules():
+        if not all(hasattr(attention, name) for name in ("to_q", "to_k", "to_v", "is_cross_attention")):
+            continue
+        names = ("to_k", "to_v") if attention.is_cross_attention else ("to_q", "to_k", "to_v")
+        members = [getattr(attention, name) for name in names]
+        members = [m for m in members if isinstance(m, DualBranchLinear) and m.strategy == "lowrank"
+                   and m.backend == "auto" and m.group is None and m.down.shape[0] <= GROUP_MAX_RANK]
+        if len(members) < 2:
+            continue
+        first = members[0]
+        if all(m.weight.shape == first.weight.shape and m.down.shape == first.down.shape
+               and m.weight.dtype == first.weight.dtype and (m.bias is None) == (first.bias is None)
+               for m in members):
+            InputGroup(members)
+            groups += 1
+    return groups
 
 
 def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -162,6 +162,20 @@ def bind_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if not _takes_triton(x, weight, bias, down, up, n_uncond):
         return None
     return _triton_module().bind_launch(x, weight, bias, down, up, n_uncond, dual_branch_linear_eager)
+
+
+def bind_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+               downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], n_uncond: int) -> Callable[..., list[torch.Tensor]] | None:
+    """One launch for sibling layers that read x, bound to this call's shape: f(x, weights, biases, downs, ups,
+    scales) -> outputs; None where the grouped Triton kernel does not serve the call (then each layer runs alone)."""
+    if not (x.is_contiguous() and _takes_triton(x, weights[0], biases[0], downs[0], ups[0], n_uncond)):
+        return None
+    from npo_merge.guidance.kernels.dual_linear_group import GroupLaunch
+
+    try:
+        return GroupLaunch(x, weights, biases, downs, ups, n_uncond)
+    except ValueError:  # members differ in shape, rank, dtype or layout
+        return None
 
 
 def _takes_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,

@@ -1,0 +1,181 @@
+"""One launch for sibling dual-branch layers that read the same input: attention's q/k/v (or k/v).
+
+Each member is y_i = x W_i^T + b_i, plus scale_i * (x A_i^T) B_i^T on the uncond rows, with its own
+weights, factors and output; x is shared. The grid covers the column tiles of every member, so one
+launch does the work of two or three, with the tile loops of ``dual_linear_triton`` (fused shrink on
+uncond tiles). Small layers gain most: three 640-channel projections fill the GPU better together
+than one by one, and two launches fewer cost less host time in eager mode.
+
+Members must agree on shape, rank and dtype, with contiguous tensors (`GroupLaunch` checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from npo_merge.guidance.kernels import dual_linear_triton
+from npo_merge.guidance.kernels.dual_linear_triton import (
+    INTERPRETED,
+    KernelConfig,
+    _aligned,
+    _current_stream,
+    _direct_launcher,
+    _dot_precision,
+    _expand,
+    _launch_hooks,
+    _plain_loop,
+    _shrink_loop,
+    rank_block,
+)
+
+__all__ = ["MAX_MEMBERS", "GroupLaunch", "launch_group", "pick_group_config"]
+
+MAX_MEMBERS = 3
+
+
+@triton.jit
+def _pick(section, first, second, third):
+    chosen = first
+    if section == 1:
+        chosen = second
+    if section == 2:
+        chosen = third
+    return chosen
+
+
+@triton.jit(do_not_specialize=["n_uncond"])
+def _dual_linear_group_kernel(
+    x_ptr, w0, w1, w2, b0, b1, b2, d0, d1, d2, u0, u1, u2, o0, o1, o2,
+    M, N, K, R, n_uncond, scale0, scale1, scale2, stride_xm,
+    MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grouped tile order over all members' column tiles: GROUP_M row tiles of x stay in L2 while the
+    # members' columns sweep past them.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = MEMBERS * tiles_n
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_all_n = (pid % pids_per_group) // group_rows
+    member = pid_all_n // tiles_n
+    pid_n = pid_all_n - member * tiles_n
+    w_ptr = _pick(member, w0, w1, w2)
+    down_ptr = _pick(member, d0, d1, d2)
+    up_ptr = _pick(member, u0, u1, u2)
+    out_ptr = _pick(member, o0, o1, o2)
+    scale = _pick(member, scale0, scale1, scale2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m % M
+    cols = offs_n % N
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * K
+    if pid_m * BLOCK_M < n_uncond:
+        d_ptrs = down_ptr + offs_k[:, None] + offs_r[None, :] * K
+        acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
+        acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, DOT_PRECISION, UPCAST)
+    else:
+        acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        bias_ptr = _pick(member, b0, b1, b2)
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def pick_group_config(m: int, n: int, k: int, rank: int, members: int, element_size: int = 2) -> KernelConfig:
+    """Tiles for a group (H100 sweep of SD1.5/SDXL attention groups, CUDA graphs; see BENCHMARKS.md).
+
+    Text-token rows (cross-attention k/v): narrow column tiles. Otherwise 128x128 tiles, with a short
+    K step for the mid-sized groups (SD1.5's 640- and 1280-channel q/k/v), which measured fastest.
+    """
+    if m <= 256:
+        return KernelConfig(64, 64 if n >= 1280 else 32, 128, 8, 4, 3)
+    flop = 2.0 * m * k * n * members
+    block_k = 32 if k >= 640 and flop <= 8e9 else 64
+    stage_bytes = element_size * block_k * (128 + 128 + rank_block(rank))
+    return KernelConfig(128, 128, block_k, 8, 4, max(2, min(3, (200 * 1024) // stage_bytes)))
+
+
+class GroupLaunch:
+    """The grouped kernel bound to one call shape: members' shapes are checked once, here.
+
+    A call allocates the outputs and starts the kernel; after the first launch of a specialization the
+    compiled kernel is called directly (as `BoundLaunch` does for one layer), unless a pointer is not
+    16-byte aligned or a profiler hooks launches.
+    """
+
+    def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                 downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], n_uncond: int,
+                 config: KernelConfig | None = None):
+        members = len(weights)
+        if not 1 <= members <= MAX_MEMBERS:
+            raise ValueError(f"a group has 1 to {MAX_MEMBERS} members, got {members}")
+        out_features, in_features = weights[0].shape
+        rank = downs[0].shape[0]
+        tensors = [*weights, *downs, *ups, *(b for b in biases if b is not None)]
+        if (any(w.shape != weights[0].shape for w in weights) or any(d.shape != downs[0].shape for d in downs)
+                or any(u.shape != (out_features, rank) for u in ups) or not x.is_contiguous()
+                or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
+                or len({b is None for b in biases}) != 1 or x.shape[-1] != in_features):
+            raise ValueError("group members must share shape, rank and dtype, with contiguous tensors")
+        m = x.numel() // in_features
+        cfg = config or pick_group_config(m, out_features, in_features, rank, members, x.dtype.itemsize)
+        self._members = members
+        self._has_bias = biases[0] is not None
+        self._out_shape = (*x.shape[:-1], out_features)
+        self._like = {"dtype": x.dtype, "device": x.device}
+        self._sizes = (m, out_features, in_features, rank, n_uncond)
+        self._grid = (triton.cdiv(m, cfg.block_m) * members * triton.cdiv(out_features, cfg.block_n),)
+        self._constants = dict(
+            MEMBERS=members, HAS_BIAS=self._has_bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_R=rank_block(rank), GROUP_M=cfg.group_m,
+            EVEN_K=in_features % cfg.block_k == 0, DOT_PRECISION=_dot_precision(x.dtype),
+            UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+        )
+        self._launch_options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        self._direct = None
+
+    def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                 downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float]) -> list[torch.Tensor]:
+        """Each member's output; the tensors must have the shapes this launch was bound to."""
+        outs = [torch.empty(self._out_shape, **self._like) for _ in range(self._members)]
+        if self._sizes[0] == 0:
+            return outs
+        pad = MAX_MEMBERS - self._members  # unused member slots repeat member 0; the grid never reaches them
+        tensors = (x, *weights, *[weights[0]] * pad, *(biases if self._has_bias else [x] * self._members),
+                   *[biases[0] if self._has_bias else x] * pad, *downs, *[downs[0]] * pad, *ups, *[ups[0]] * pad,
+                   *outs, *[outs[0]] * pad)
+        args = (*tensors, *self._sizes, *(float(s) for s in scales), *[float(scales[0])] * pad, self._sizes[2])
+        aligned = _aligned(*tensors)
+        if self._direct is not None and aligned and not _launch_hooks():
+            self._direct(_current_stream(), *args, *self._constants.values())
+            return outs
+        compiled = _dual_linear_group_kernel[self._grid](*args, **self._constants, **self._launch_options)
+        if aligned and self._direct is None and dual_linear_triton._DIRECT_LAUNCH:
+            self._direct = _direct_launcher(compiled, self._grid[0])
+        return outs
+
+
+def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                 downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float],
+                 n_uncond: int, config: KernelConfig | None = None) -> list[torch.Tensor]:
+    """Every member's output (x's leading shape, out_features) from one launch.
+
+    x (..., in) contiguous; weights (out, in), downs (r, in), ups (out, r), biases (out,) or all None;
+    n_uncond counts rows of x flattened to 2-D. Raises ValueError when the members do not fit together.
+    """
+    return GroupLaunch(x, weights, biases, downs, ups, n_uncond, config)(x, weights, biases, downs, ups, scales)
