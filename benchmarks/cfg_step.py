@@ -102,7 +102,7 @@ SMOKE_UNETS = {
 }
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 LORAS = {"attn-r8": ("attention", 8), "all-r64": ("linear+conv", 64)}
-ROWS = ("two_unets", "plain", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "npo_auto", "peft_mixed")
+ROWS = ("two_unets", "plain", "plain_fused_qkv", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "npo_auto", "peft_mixed")
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
@@ -211,6 +211,18 @@ def _peft_lora(unet: nn.Module, deltas: dict[str, LowRank], rank: int) -> Iterat
 def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
     if row == "plain":
         yield unet, [unet]
+    elif row == "plain_fused_qkv":  # diffusers' own q/k/v (and k/v) fusion: concatenated weight copies
+        unet.fuse_qkv_projections()
+        try:
+            yield unet, [unet]
+        finally:
+            unet.unfuse_qkv_projections()  # puts the processors back but keeps the fused copies: drop them
+            for module in unet.modules():
+                for name in ("to_qkv", "to_kv"):
+                    if name in module._modules:
+                        del module._modules[name]
+                if hasattr(module, "fused_projections"):
+                    module.fused_projections = False
     elif row == "two_unets":
         theta_u = uncond_unet(unet, deltas)
         yield TwoPassCFG(unet, theta_u), [unet, theta_u]

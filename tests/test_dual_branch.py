@@ -259,6 +259,62 @@ def test_eager_inference_decides_and_binds_the_path_once_per_input_shape(monkeyp
     assert len(decisions) == 6 and calls[-1] == ("op", 12)
 
 
+def _fake_group_binder(runs: list):
+    """A group binder computing each member with the torch path, recording the uncond rows of every run."""
+
+    def bind(x, weights, biases, downs, ups, rows):
+        def run(x, weights, biases, downs, ups, scales):
+            runs.append(rows)
+            flat = x.reshape(-1, x.shape[-1])
+            return [lowrank_linear(flat, w, b, d, u, s, rows).reshape(*x.shape[:-1], -1)
+                    for w, b, d, u, s in zip(weights, biases, downs, ups, scales)]
+        return run
+
+    return bind
+
+
+def test_input_group_computes_siblings_once_per_input_tensor(monkeypatch):
+    """The first member called computes all members' outputs; siblings called with that very tensor take
+    theirs; another tensor, an in-place change, autograd, backend 'torch' or .to() make members run alone."""
+    gen = torch.Generator().manual_seed(5)
+    layers = [nn.Linear(6, 5).to(DT) for _ in range(3)]
+    wrapped = [dual_branch_module(layer, BranchDelta(_lora(layer), bias=torch.randn(5, generator=gen, dtype=DT)), 0.5)
+               for layer in layers]
+    runs: list = []
+    monkeypatch.setattr(dual_branch, "group_binder", lambda: _fake_group_binder(runs))
+    monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager: False)  # alone: the torch path
+    for layer in wrapped:
+        layer.set_backend("auto")
+    dual_branch.InputGroup(wrapped)
+    x = torch.randn(4, 3, 6, generator=gen, dtype=DT)
+
+    def expected(x):
+        return [_by_hand(layer, BranchDelta(_lora(layer), bias=w.bias_diff / 0.5), 0.5, x, 2)
+                for layer, w in zip(layers, wrapped)]
+
+    with torch.no_grad():
+        for got, want in zip([w(x) for w in wrapped], expected(x)):
+            torch.testing.assert_close(got, want)
+        assert runs == [6]  # one run for three members; 2 uncond items x 3 tokens
+        copy_of_x = x.clone()
+        wrapped[1](copy_of_x)  # not the tensor the pending outputs came from: runs again
+        torch.testing.assert_close(wrapped[2](copy_of_x), expected(copy_of_x)[2])
+        assert len(runs) == 2
+        wrapped[0](x)
+        x.mul_(2.0)  # changed in place after the group ran: the sibling must not get the stale output
+        torch.testing.assert_close(wrapped[1](x), expected(x)[1])
+        assert len(runs) == 4
+        wrapped[0].to(DT)  # .to() forgets bound launches and pending outputs
+        assert not wrapped[0].group._pending and not wrapped[0].group._runners
+        wrapped[0].set_backend("torch")
+        wrapped[0](x)
+        assert len(runs) == 4
+    for layer in wrapped:
+        layer.set_backend("auto")
+    wrapped[0](x)  # parameters require grad: every member runs alone, autograd records
+    assert len(runs) == 4
+
+
 def test_per_shape_dispatch_rule_picks_fused_for_small_layers_only() -> None:
     from npo_merge.guidance.dual_branch import prefers_fused
 

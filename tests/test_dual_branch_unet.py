@@ -86,6 +86,37 @@ def test_fused_backend_through_the_kernels_package(cases):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_attention_projections_grouped_by_shared_input(cases, arch, monkeypatch):
+    """Self-attention's q/k/v and cross-attention's k/v form groups; one grouped run per group and step
+    gives the two-UNet result (the group binder here computes members with the torch path)."""
+    from npo_merge.guidance import dual_branch
+    from npo_merge.guidance.install import group_shared_inputs
+
+    unet, deltas, inputs, reference, _ = cases[arch, "attention"]
+    runs = []
+
+    def bind(x, weights, biases, downs, ups, rows):
+        def run(x, weights, biases, downs, ups, scales):
+            runs.append(len(weights))
+            flat = x.reshape(-1, x.shape[-1])
+            return [dual_branch.lowrank_linear(flat, w, b, d, u, s, rows).reshape(*x.shape[:-1], -1)
+                    for w, b, d, u, s in zip(weights, biases, downs, ups, scales)]
+        return run
+
+    monkeypatch.setattr(dual_branch, "group_binder", lambda: bind)
+    monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager: False)
+    attentions = [m for m in unet.modules() if hasattr(m, "to_q") and hasattr(m, "is_cross_attention")]
+    with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
+        assert group_shared_inputs(unet) == 0  # backend 'torch': nothing to group
+        for module in handle.modules.values():
+            module.set_backend("auto")
+        assert group_shared_inputs(unet) == len(attentions)
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+        self_attn = sum(not m.is_cross_attention for m in attentions)
+        assert sorted(runs) == [2] * (len(attentions) - self_attn) + [3] * self_attn
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_modes_cond_and_uncond(cases, arch):
     unet, deltas, inputs, _, plain = cases[arch, "all"]
     with torch.no_grad():

@@ -182,6 +182,39 @@ def test_triton_configs_fit_shared_memory_for_unet_shapes(rank):
             assert rank_block(rank) >= max(16, rank)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("members", [2, 3])
+def test_triton_group_kernel_matches_float64(members, dtype):
+    """One grouped launch gives every member its own dual-branch output (own weights, factors, scale)."""
+    from npo_merge.guidance.kernels.dual_linear_group import launch_group
+
+    rows, k, n, rank = 70, 40, 40, 8  # 3 row tiles x 2 column tiles per member of SMALL; K not a multiple of 16
+    for seed, (n_uncond, bias) in enumerate([(35, True), (45, False), (0, True), (rows, True)]):
+        layers = [_layer(rows, k, n, rank, dtype, seed=10 * seed + i, bias=bias) for i in range(members)]
+        x = layers[0][0].view(2, rows // 2, k)
+        scales = [SCALE, -0.5, 1.25][:members]
+        outs = [torch.full((2, rows // 2, n), float("nan"), dtype=dtype, device=DEVICE) for _ in range(members)]
+        got = launch_group(x, [lay[1] for lay in layers], [lay[2] for lay in layers], [lay[3] for lay in layers],
+                           [lay[4] for lay in layers], scales, n_uncond, config=SMALL, outs=outs)
+        assert [g.data_ptr() for g in got] == [o.data_ptr() for o in outs]
+        for (_, weight, b, down, up), scale, out in zip(layers, scales, got):
+            ref = dual_branch_linear_reference(*_float64(x, weight, b, down, up), scale, n_uncond)
+            _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+
+
+@needs_triton
+def test_triton_group_refuses_members_that_do_not_fit():
+    from npo_merge.guidance.kernels.dual_linear_group import launch_group
+
+    x, weight, bias, down, up = _layer(8, 16, 16, 4, torch.float32, seed=0)
+    other = _layer(8, 16, 32, 4, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="share shape"):
+        launch_group(x, [weight, other[1]], [bias, other[2]], [down, other[3]], [up, other[4]], [1.0, 1.0], 4)
+    with pytest.raises(ValueError, match="1 to 3 members"):
+        launch_group(x, [weight] * 4, [bias] * 4, [down] * 4, [up] * 4, [1.0] * 4, 4)
+
+
 @pytest.mark.skipif(TRITON_HERE or not HAS_TRITON or torch.cuda.is_available(), reason="ran in this process")
 def test_triton_in_fresh_interpreter():
     """Rerun this file's Triton tests in a process where TRITON_INTERPRET=1 precedes any triton import."""
@@ -403,3 +436,33 @@ def test_bound_eager_launch_matches_the_general_launch_and_the_reference():
         captured.fill_(float("nan"))
         graph.replay()
         assert torch.equal(captured, first)
+
+
+@needs_cuda
+def test_group_launch_goes_direct_after_the_first_call_and_replays_in_a_cuda_graph():
+    """The bound group launch: its second call starts the compiled kernel directly (Triton internals), bit
+    for bit what the first call gave; an unaligned input falls back to the JIT launch; capture replays."""
+    from npo_merge.guidance.kernels.dual_linear_group import GroupLaunch
+
+    layers = [_layer(2 * 512, 640, 640, 8, torch.float16, seed=20 + i) for i in range(3)]
+    x = layers[0][0]
+    tensors = [[lay[j] for lay in layers] for j in (1, 2, 3, 4)]
+    scales = [SCALE, 0.5, -1.0]
+    launch = GroupLaunch(x, *tensors, 512)
+    first = launch(x, *tensors, scales)
+    assert launch._direct is not None
+    again = launch(x, *tensors, scales)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for out, weight, bias, down, up, scale in zip(first, *tensors, scales):
+        ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), scale, 512)
+        _assert_branches_close(out, ref, 512, 1e-2)
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)[1:].view_as(x)
+    shifted.copy_(x)
+    assert all(torch.equal(a, b) for a, b in zip(launch(shifted, *tensors, scales), first))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = launch(x, *tensors, scales)
+    for out in captured:
+        out.fill_(float("nan"))
+    graph.replay()
+    assert all(torch.equal(a, b) for a, b in zip(captured, first))

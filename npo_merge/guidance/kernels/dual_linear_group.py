@@ -150,9 +150,16 @@ class GroupLaunch:
         self._direct = None
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-                 downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float]) -> list[torch.Tensor]:
-        """Each member's output; the tensors must have the shapes this launch was bound to."""
-        outs = [torch.empty(self._out_shape, **self._like) for _ in range(self._members)]
+                 downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float],
+                 outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each member's output; the tensors must have the shapes this launch was bound to.
+
+        ``outs``: contiguous tensors of the output shape to write into (tests poison them)."""
+        if outs is None:
+            outs = [torch.empty(self._out_shape, **self._like) for _ in range(self._members)]
+        elif len(outs) != self._members or any(o.shape != self._out_shape or not o.is_contiguous() for o in outs):
+            raise ValueError(f"outs must be {self._members} contiguous tensors of shape {tuple(self._out_shape)}")
+        outs = list(outs)
         if self._sizes[0] == 0:
             return outs
         pad = MAX_MEMBERS - self._members  # unused member slots repeat member 0; the grid never reaches them
@@ -172,10 +179,11 @@ class GroupLaunch:
 
 def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                  downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float],
-                 n_uncond: int, config: KernelConfig | None = None) -> list[torch.Tensor]:
+                 n_uncond: int, config: KernelConfig | None = None,
+                 outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Every member's output (x's leading shape, out_features) from one launch.
 
     x (..., in) contiguous; weights (out, in), downs (r, in), ups (out, r), biases (out,) or all None;
     n_uncond counts rows of x flattened to 2-D. Raises ValueError when the members do not fit together.
     """
-    return GroupLaunch(x, weights, biases, downs, ups, n_uncond, config)(x, weights, biases, downs, ups, scales)
+    return GroupLaunch(x, weights, biases, downs, ups, n_uncond, config)(x, weights, biases, downs, ups, scales, outs)
