@@ -12,6 +12,8 @@ an input small enough (128 rows) that the GPU keeps up, i.e. host time per call,
   launcher_jit  the same with direct launches off (every launch through JITFunction.run)
   op            torch.ops.npo_merge.dual_branch_linear (the custom op's dispatch)
   empty         torch.empty of the output alone
+  qkv_*         three sibling layers on one input, as attention's q/k/v: nn.Linear x3 (linear), dual-branch
+                layers each on its own bound launch (alone), and grouped into one launch (group)
 
 Outputs of the direct and JIT launches are compared bit for bit before timing.
 
@@ -35,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npo_merge.delta.types import LowRank  # noqa: E402
-from npo_merge.guidance.dual_branch import BranchDelta, DualBranchLinear  # noqa: E402
+from npo_merge.guidance.dual_branch import BranchDelta, DualBranchLinear, InputGroup  # noqa: E402
 from npo_merge.guidance.kernels import dual_linear_triton as kernel_module  # noqa: E402
 from npo_merge.guidance.kernels.ops import dual_branch_linear_eager  # noqa: E402
 
@@ -95,6 +97,19 @@ def main() -> None:
             "op": lambda: torch.ops.npo_merge.dual_branch_linear(*args),
             "empty": lambda: torch.empty((2, 64, 320), device=device, dtype=dtype),
         }
+        siblings = [nn.Linear(320, 320).to(device, dtype) for _ in range(3)]
+        alone = [DualBranchLinear(layer, delta) for layer in siblings]
+        grouped = [DualBranchLinear(layer, delta) for layer in siblings]
+        for layer in (*alone, *grouped):
+            layer.set_backend("auto")
+        InputGroup(grouped)
+        for a, g in zip(alone, grouped):
+            torch.testing.assert_close(g(x), a(x), rtol=1e-2, atol=1e-2)  # the same layers, two kernels
+        rows.update({
+            "qkv_linear": lambda: [layer(x) for layer in siblings],
+            "qkv_alone": lambda: [layer(x) for layer in alone],
+            "qkv_group": lambda: [layer(x) for layer in grouped],
+        })
         results = {name: _per_call_us(fn) for name, fn in rows.items()}
         with jit_launches():
             results["launcher_jit"] = _per_call_us(lambda: launcher(*args))

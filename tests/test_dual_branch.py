@@ -263,7 +263,7 @@ def _fake_group_binder(runs: list):
     """A group binder computing each member with the torch path, recording the uncond rows of every run."""
 
     def bind(x, weights, biases, downs, ups, rows):
-        def run(x, weights, biases, downs, ups, scales):
+        def run(x, scales):
             runs.append(rows)
             flat = x.reshape(-1, x.shape[-1])
             return [lowrank_linear(flat, w, b, d, u, s, rows).reshape(*x.shape[:-1], -1)

@@ -96,7 +96,7 @@ def test_attention_projections_grouped_by_shared_input(cases, arch, monkeypatch)
     runs = []
 
     def bind(x, weights, biases, downs, ups, rows):
-        def run(x, weights, biases, downs, ups, scales):
+        def run(x, scales):
             runs.append(len(weights))
             flat = x.reshape(-1, x.shape[-1])
             return [dual_branch.lowrank_linear(flat, w, b, d, u, s, rows).reshape(*x.shape[:-1], -1)

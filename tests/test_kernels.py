@@ -449,19 +449,19 @@ def test_group_launch_goes_direct_after_the_first_call_and_replays_in_a_cuda_gra
     tensors = [[lay[j] for lay in layers] for j in (1, 2, 3, 4)]
     scales = [SCALE, 0.5, -1.0]
     launch = GroupLaunch(x, *tensors, 512)
-    first = launch(x, *tensors, scales)
+    first = launch(x, scales)
     assert launch._direct is not None
-    again = launch(x, *tensors, scales)
+    again = launch(x, scales)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     for out, weight, bias, down, up, scale in zip(first, *tensors, scales):
         ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), scale, 512)
         _assert_branches_close(out, ref, 512, 1e-2)
     shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)[1:].view_as(x)
     shifted.copy_(x)
-    assert all(torch.equal(a, b) for a, b in zip(launch(shifted, *tensors, scales), first))
+    assert all(torch.equal(a, b) for a, b in zip(launch(shifted, scales), first))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = launch(x, *tensors, scales)
+        captured = launch(x, scales)
     for out in captured:
         out.fill_(float("nan"))
     graph.replay()

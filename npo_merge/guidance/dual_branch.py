@@ -287,9 +287,18 @@ class InputGroup:
             member.group = self
 
     def clear(self) -> None:
-        """Forget bound launches and pending outputs (members moved, or their backend changed)."""
+        """Forget bound launches and pending outputs (members moved or changed backend: launches hold tensors)."""
         self._runners.clear()
         self._source, self._pending = None, {}
+
+    def _bind(self, x: torch.Tensor, n_uncond: int) -> Callable[..., list[torch.Tensor]] | None:
+        binder = group_binder()
+        if binder is None:
+            return None
+        members = self.members
+        rows = n_uncond * math.prod(x.shape[1:-1])  # the kernel counts uncond rows of x flattened to 2-D
+        return binder(x, [m.weight for m in members], [m.bias for m in members], [m.down for m in members],
+                      [m.up for m in members], rows)
 
     def output(self, member: DualBranchLinear, x: torch.Tensor, n_uncond: int) -> torch.Tensor | None:
         """This member's output for x, computed with its siblings' in one launch; None where no kernel serves it."""
@@ -301,17 +310,13 @@ class InputGroup:
                 if not self._pending:
                     self._source = None
                 return y
-        rows = n_uncond * math.prod(x.shape[1:-1])  # the kernel counts uncond rows of x flattened to 2-D
-        tensors = [[m._parameters["weight"] for m in self.members], [m._parameters["bias"] for m in self.members],
-                   [m._buffers["down"] for m in self.members], [m._buffers["up"] for m in self.members]]
-        key = (x.shape, x.dtype, x.device, rows)
-        if key not in self._runners:
-            binder = group_binder()
-            self._runners[key] = binder(x, *tensors, rows) if binder is not None else None
-        runner = self._runners[key]
+        key = (x.shape, x.dtype, x.get_device(), n_uncond)
+        runner = self._runners.get(key, self)  # self: not bound yet (None: no kernel serves this call)
+        if runner is self:
+            runner = self._runners[key] = self._bind(x, n_uncond)
         if runner is None:
             return None
-        outs = runner(x, *tensors, [m.scale for m in self.members])
+        outs = runner(x, [m.scale for m in self.members])
         self._source = (x, n_uncond, version)
         self._pending = {i: out for i, out in enumerate(outs) if i != index}
         return outs[index]

@@ -111,11 +111,12 @@ def pick_group_config(m: int, n: int, k: int, rank: int, members: int, element_s
 
 
 class GroupLaunch:
-    """The grouped kernel bound to one call shape: members' shapes are checked once, here.
+    """The grouped kernel bound to one call shape and to the members' tensors, which are checked once, here.
 
-    A call allocates the outputs and starts the kernel; after the first launch of a specialization the
-    compiled kernel is called directly (as `BoundLaunch` does for one layer), unless a pointer is not
-    16-byte aligned or a profiler hooks launches.
+    A call allocates the outputs and starts the kernel: after the first launch of a specialization the
+    compiled kernel is called directly (as `BoundLaunch` does for one layer), unless the input or an
+    output is not 16-byte aligned or a profiler hooks launches. Eager sampling is host-bound, so the
+    per-call work is the input, the outputs and the scales alone.
     """
 
     def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
@@ -134,47 +135,50 @@ class GroupLaunch:
             raise ValueError("group members must share shape, rank and dtype, with contiguous tensors")
         m = x.numel() // in_features
         cfg = config or pick_group_config(m, out_features, in_features, rank, members, x.dtype.itemsize)
-        self._members = members
-        self._has_bias = biases[0] is not None
+        pad = MAX_MEMBERS - members  # unused member slots repeat member 0; the grid never reaches them
+        has_bias = biases[0] is not None
+        self._members, self._pad = members, pad
+        self._weights = (*weights, *[weights[0]] * pad)
+        # Without a bias the kernel never reads its bias pointers: the weights stand in.
+        self._rest = (*(biases if has_bias else weights), *[biases[0] if has_bias else weights[0]] * pad,
+                      *downs, *[downs[0]] * pad, *ups, *[ups[0]] * pad)
+        self._static_aligned = _aligned(*self._weights, *self._rest)
         self._out_shape = (*x.shape[:-1], out_features)
         self._like = {"dtype": x.dtype, "device": x.device}
         self._sizes = (m, out_features, in_features, rank, n_uncond)
         self._grid = (triton.cdiv(m, cfg.block_m) * members * triton.cdiv(out_features, cfg.block_n),)
         self._constants = dict(
-            MEMBERS=members, HAS_BIAS=self._has_bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            MEMBERS=members, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_R=rank_block(rank), GROUP_M=cfg.group_m,
             EVEN_K=in_features % cfg.block_k == 0, DOT_PRECISION=_dot_precision(x.dtype),
             UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
         )
+        self._constexprs = tuple(self._constants.values())  # declaration order, for direct launches
         self._launch_options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         self._direct = None
 
-    def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-                 downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float],
+    def __call__(self, x: torch.Tensor, scales: Sequence[float],
                  outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Each member's output; the tensors must have the shapes this launch was bound to.
+        """Each member's output for x (of the bound shape, contiguous), the update scaled by ``scales``.
 
         ``outs``: contiguous tensors of the output shape to write into (tests poison them)."""
         if outs is None:
             outs = [torch.empty(self._out_shape, **self._like) for _ in range(self._members)]
         elif len(outs) != self._members or any(o.shape != self._out_shape or not o.is_contiguous() for o in outs):
             raise ValueError(f"outs must be {self._members} contiguous tensors of shape {tuple(self._out_shape)}")
-        outs = list(outs)
         if self._sizes[0] == 0:
-            return outs
-        pad = MAX_MEMBERS - self._members  # unused member slots repeat member 0; the grid never reaches them
-        tensors = (x, *weights, *[weights[0]] * pad, *(biases if self._has_bias else [x] * self._members),
-                   *[biases[0] if self._has_bias else x] * pad, *downs, *[downs[0]] * pad, *ups, *[ups[0]] * pad,
-                   *outs, *[outs[0]] * pad)
-        args = (*tensors, *self._sizes, *(float(s) for s in scales), *[float(scales[0])] * pad, self._sizes[2])
-        aligned = _aligned(*tensors)
+            return list(outs)
+        pad = self._pad
+        args = (x, *self._weights, *self._rest, *outs, *[outs[0]] * pad, *self._sizes,
+                *scales, *[scales[0]] * pad, self._sizes[2])
+        aligned = self._static_aligned and _aligned(x, *outs)
         if self._direct is not None and aligned and not _launch_hooks():
-            self._direct(_current_stream(), *args, *self._constants.values())
-            return outs
+            self._direct(_current_stream(), *args, *self._constexprs)
+            return list(outs)
         compiled = _dual_linear_group_kernel[self._grid](*args, **self._constants, **self._launch_options)
         if aligned and self._direct is None and dual_linear_triton._DIRECT_LAUNCH:
             self._direct = _direct_launcher(compiled, self._grid[0])
-        return outs
+        return list(outs)
 
 
 def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
@@ -186,4 +190,4 @@ def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
     x (..., in) contiguous; weights (out, in), downs (r, in), ups (out, r), biases (out,) or all None;
     n_uncond counts rows of x flattened to 2-D. Raises ValueError when the members do not fit together.
     """
-    return GroupLaunch(x, weights, biases, downs, ups, n_uncond, config)(x, weights, biases, downs, ups, scales, outs)
+    return GroupLaunch(x, weights, biases, downs, ups, n_uncond, config)(x, [float(s) for s in scales], outs)

@@ -166,8 +166,9 @@ def bind_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def bind_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], n_uncond: int) -> Callable[..., list[torch.Tensor]] | None:
-    """One launch for sibling layers that read x, bound to this call's shape: f(x, weights, biases, downs, ups,
-    scales) -> outputs; None where the grouped Triton kernel does not serve the call (then each layer runs alone)."""
+    """One launch for sibling layers that read x, bound to this call's shape and to these tensors:
+    f(x, scales) -> outputs; None where the grouped Triton kernel does not serve the call (then each layer
+    runs alone)."""
     if not (x.is_contiguous() and _takes_triton(x, weights[0], biases[0], downs[0], ups[0], n_uncond)):
         return None
     from npo_merge.guidance.kernels.dual_linear_group import GroupLaunch
