@@ -21,6 +21,7 @@ the fastest runs (the least disturbed by other work on the host).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -53,15 +54,25 @@ def sampling_loop(model, inputs: dict, steps: int):
 
 
 def timed_runs(fn, runs: int) -> float:
-    """Median seconds of `runs` calls after one warm-up call (CUDA-synchronized)."""
+    """Median seconds of `runs` calls after one warm-up call (CUDA-synchronized).
+
+    As timeit does, the garbage collector is run before and kept off during each timed call: a full
+    collection of this process's heap (torch, diffusers, the UNet) takes tens of milliseconds and lands
+    on whichever loop runs after many allocations, e.g. the first NPO loop after enable_npo.
+    """
     fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        finally:
+            gc.enable()
     return statistics.median(times)
 
 
