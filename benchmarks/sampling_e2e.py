@@ -76,23 +76,28 @@ def timed_runs(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def eager_pairs(name: str, pairs: int, row: str = "npo_auto") -> dict:
-    """Median per-pair ratio of NPO to plain eager loop time, pairs run back to back."""
+def eager_pairs(name: str, pairs: int, rows: list[str]) -> list[dict]:
+    """Per NPO row, the median per-pair ratio of its eager loop time to plain's; each round runs plain,
+    then every row, back to back, so all rows see the same stretch of the host's noise."""
     device, dtype = torch.device("cuda"), torch.float16
     unet = cfg_step.build_unet(cfg_step.UNETS[name], device, dtype)
     inputs = cfg_step.step_inputs(unet, device, dtype)
     deltas = cfg_step.random_lora(unet, cfg_step.lora_targets(unet, "attention"), 8)
     steps = STEPS[name]
-    plain_s, npo_s = [], []
+    plain_s, npo_s = [], {row: [] for row in rows}
     for _ in range(pairs):
         plain_s.append(timed_runs(sampling_loop(unet, inputs, steps), 1))
-        with cfg_step.row_model(row, unet, deltas, 8) as (model, _):
-            npo_s.append(timed_runs(sampling_loop(model, inputs, steps), 1))
-    ratios = [n / p for n, p in zip(npo_s, plain_s)]
-    result = {"model": name, "row": row, "steps": steps, "pairs": pairs, "plain_s": plain_s, "npo_s": npo_s,
-              "median_ratio": statistics.median(ratios), "min_ratio": min(npo_s) / min(plain_s)}
-    print(f"[eager-pairs] {result}", flush=True)
-    return result
+        for row in rows:
+            with cfg_step.row_model(row, unet, deltas, 8) as (model, _):
+                npo_s[row].append(timed_runs(sampling_loop(model, inputs, steps), 1))
+    results = []
+    for row in rows:
+        ratios = [n / p for n, p in zip(npo_s[row], plain_s)]
+        result = {"model": name, "row": row, "steps": steps, "pairs": pairs, "plain_s": plain_s, "npo_s": npo_s[row],
+                  "median_ratio": statistics.median(ratios), "min_ratio": min(npo_s[row]) / min(plain_s)}
+        print(f"[eager-pairs] {result}", flush=True)
+        results.append(result)
+    return results
 
 
 def main() -> None:
@@ -101,11 +106,10 @@ def main() -> None:
     parser.add_argument("--compile", default="", help="comma list of models to also run under torch.compile")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--eager-pairs", type=int, default=0, help="eager only: alternate plain/NPO loops N times")
-    parser.add_argument("--eager-rows", default="npo_auto", help="NPO rows for --eager-pairs: npo_auto, npo_fused")
+    parser.add_argument("--eager-rows", default="npo_auto", help="NPO rows for --eager-pairs (cfg_step rows), interleaved with plain")
     args = parser.parse_args()
     if args.eager_pairs:
-        results = [eager_pairs(name, args.eager_pairs, row) for name in args.models.split(",")
-                   for row in args.eager_rows.split(",")]
+        results = [r for name in args.models.split(",") for r in eager_pairs(name, args.eager_pairs, args.eager_rows.split(","))]
         print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, eager, fp16, NPO LoRA rank 8 on attention\n")
         print("| model | steps | row | pairs | NPO / plain time, median of pairs | fastest NPO / fastest plain | plain s (median) | NPO s (median) |")
         print("|---|---|---|---|---|---|---|---|")

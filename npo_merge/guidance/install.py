@@ -87,6 +87,7 @@ def enable_npo(
     mode: ModeSetting = "auto",
     path: BranchPath = "lowrank",
     backend: Literal["auto", "torch", "fused"] = "auto",
+    group_inputs: bool = True,
 ) -> NpoHandle:
     """Make the UNet serve theta_c to the cond half and theta_c + eta * delta to the uncond half of each batch.
 
@@ -100,6 +101,8 @@ def enable_npo(
     backend: for low-rank linear layers, "fused" uses torch.ops.npo_merge.dual_branch_linear for every
         call; "auto" (on CUDA, when the op is there) uses it only where `prefers_fused` says it beats
         cuBLAS plus the torch update for the call's shape; "torch" never uses it.
+    group_inputs: with backend "auto", serve the projections of one attention that read the same input
+        (q/k/v, cross-attention's k/v) with one grouped launch (`group_shared_inputs`).
     Raises CompatibilityError naming every key that has no matching layer or the wrong shape.
     """
     pipeline, unet = _split_pipeline(pipe_or_unet)
@@ -133,7 +136,7 @@ def enable_npo(
     for module in modules.values():
         key = f"{type(module).__name__}:{module.strategy}"
         counts[key] = counts.get(key, 0) + 1
-    groups = group_shared_inputs(unet)
+    groups = group_shared_inputs(unet) if group_inputs else 0
     if groups:
         counts["InputGroup"] = groups
     return NpoHandle(unet=unet, modules=modules, eta=float(eta), path=path, pipeline=pipeline, counts=counts)
