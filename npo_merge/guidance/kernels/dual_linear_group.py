@@ -162,23 +162,26 @@ class GroupLaunch:
         """Each member's output for x (of the bound shape, contiguous), the update scaled by ``scales``.
 
         ``outs``: contiguous tensors of the output shape to write into (tests poison them)."""
-        if outs is None:
+        if outs is None:  # fresh allocations: aligned
             outs = [torch.empty(self._out_shape, **self._like) for _ in range(self._members)]
+            aligned = self._static_aligned and x.data_ptr() % 16 == 0
         elif len(outs) != self._members or any(o.shape != self._out_shape or not o.is_contiguous() for o in outs):
             raise ValueError(f"outs must be {self._members} contiguous tensors of shape {tuple(self._out_shape)}")
+        else:
+            outs = list(outs)
+            aligned = self._static_aligned and _aligned(x, *outs)
         if self._sizes[0] == 0:
-            return list(outs)
+            return outs
         pad = self._pad
         args = (x, *self._weights, *self._rest, *outs, *[outs[0]] * pad, *self._sizes,
                 *scales, *[scales[0]] * pad, self._sizes[2])
-        aligned = self._static_aligned and _aligned(x, *outs)
         if self._direct is not None and aligned and not _launch_hooks():
             self._direct(_current_stream(), *args, *self._constexprs)
-            return list(outs)
+            return outs
         compiled = _dual_linear_group_kernel[self._grid](*args, **self._constants, **self._launch_options)
         if aligned and self._direct is None and dual_linear_triton._DIRECT_LAUNCH:
             self._direct = _direct_launcher(compiled, self._grid[0])
-        return list(outs)
+        return outs
 
 
 def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],

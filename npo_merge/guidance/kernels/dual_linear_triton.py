@@ -267,7 +267,11 @@ _DIRECT_LAUNCH = True
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+    """Whether every tensor's data pointer is 16-byte aligned (one OR over the pointers: a hot path)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits % 16 == 0
 
 
 def _direct_launcher(compiled: object, grid: int) -> Callable[..., None] | None:
@@ -288,14 +292,14 @@ def _direct_launcher(compiled: object, grid: int) -> Callable[..., None] | None:
 def _launch_hooks() -> bool:
     """Whether a profiler (e.g. proton) hooks kernel launches: then every launch goes through Triton."""
     runtime = triton.knobs.runtime
-    return any(hook is not None and getattr(hook, "calls", True)
-               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)))
 
 
 def _current_stream() -> int:
-    """The current CUDA stream of the current device, as JITFunction.run asks the driver for it."""
-    driver = triton.runtime.driver.active
-    return driver.get_current_stream(driver.get_current_device())
+    """The current CUDA stream of the current device: what JITFunction.run gets from Triton's driver (torch's
+    raw stream of torch's current device), asked of torch directly to save the driver's Python layers."""
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
 
 
 class BoundLaunch:
