@@ -273,8 +273,9 @@ class InputGroup:
     Where the kernels package serves the call, the first member called with an input computes every
     member's output in one launch; each other member called with that very tensor (same object, not
     modified in place since) takes its output from here. Any other call runs the member alone, so a
-    processor that feeds the members different tensors still gets exact results. Eager inference and
-    CUDA-graph capture only: with autograd or under torch.compile every member runs alone.
+    processor that feeds the members different tensors still gets exact results. (Tensors made under
+    torch.inference_mode carry no version counter; for them the object alone decides.) Eager inference
+    and CUDA-graph capture only: with autograd or under torch.compile every member runs alone.
     """
 
     def __init__(self, members: list[DualBranchLinear]) -> None:
@@ -474,7 +475,8 @@ class DualBranchLinear(DualBranchLayer):
                        up: torch.Tensor, n_uncond: int) -> torch.Tensor:
         """Backends 'fused' and 'auto'. In eager inference the path for an input shape is decided once and
         bound (`fused_binder`): later calls of that shape skip the dispatch checks, which cost more host
-        time than the kernel takes on the GPU. Under torch.compile or with autograd, every call decides."""
+        time than the kernel takes on the GPU. With 'auto', a layer in an `InputGroup` first asks the
+        group for its output. Under torch.compile or with autograd, every call decides."""
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)
