@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_bench import _time_graph  # noqa: E402  (CUDA-graph replay timing)
 
 # (name, members, rows M of the CFG batch, in_features K, out_features N)
 GROUPS = [("sd15.qkv.320", 3, 8192, 320, 320), ("sd15.qkv.640", 3, 2048, 640, 640), ("sd15.qkv.1280", 3, 512, 1280, 1280),
@@ -88,30 +91,6 @@ def _compile(job: tuple) -> str | None:
     return None
 
 
-def _time_graph(fn, calls: int = 100, replays: int = 9) -> float:
-    """Median microseconds per call from replays of one CUDA graph of `calls` back-to-back calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -145,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {key: [] for key in methods}
         for round_ in range(3):
             for key in (list(methods) if round_ % 2 == 0 else list(methods)[::-1]):
-                times[key].append(_time_graph(methods[key]))
+                times[key].append(_time_graph(methods[key], replays=9, calls=100))
         us = {key: statistics.median(v) for key, v in times.items()}
         results.append({"group": name, "members": members, "m": m, "k": k, "n": n, "us": us, "rounds_us": times,
                         "max_rel_err": max(errors.values())})

@@ -166,11 +166,13 @@ def _time_eager(fn, calls: int = 20, reps: int = 7) -> float:
     return statistics.median(samples)
 
 
-def _time_graph(fn, replay_us: float = 2000.0, replays: int = 7) -> float:
-    """Median microseconds per call, from replays of one CUDA graph holding ~2 ms of back-to-back calls."""
+def _time_graph(fn, replay_us: float = 2000.0, replays: int = 7, calls: int | None = None) -> float:
+    """Median microseconds per call, from replays of one CUDA graph holding `calls` back-to-back calls
+    (by default as many as take ~2 ms eagerly)."""
     if DEVICE == "cpu":
         return _time_wall(fn)
-    calls = max(5, min(1000, int(replay_us / max(_time_eager(fn, calls=10, reps=3), 1.0))))
+    if calls is None:
+        calls = max(5, min(1000, int(replay_us / max(_time_eager(fn, calls=10, reps=3), 1.0))))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -2,7 +2,7 @@
 
 Each member is y_i = x W_i^T + b_i, plus scale_i * (x A_i^T) B_i^T on the uncond rows, with its own
 weights, factors and output; x is shared. The grid covers the column tiles of every member, so one
-launch does the work of two or three, with the tile loops of ``dual_linear_triton`` (fused shrink on
+launch does the work of two or three, with the tiles of ``dual_linear_triton`` (fused shrink on
 uncond tiles). Small layers gain most: three 640-channel projections fill the GPU better together
 than one by one, and two launches fewer cost less host time in eager mode.
 
@@ -25,10 +25,9 @@ from npo_merge.guidance.kernels.dual_linear_triton import (
     _current_stream,
     _direct_launcher,
     _dot_precision,
-    _expand,
+    _fused_tile,
     _launch_hooks,
-    _plain_loop,
-    _shrink_loop,
+    _tile_position,
     rank_block,
 )
 
@@ -57,15 +56,8 @@ def _dual_linear_group_kernel(
 ):
     # Grouped tile order over all members' column tiles: GROUP_M row tiles of x stay in L2 while the
     # members' columns sweep past them.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    num_pid_n = MEMBERS * tiles_n
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_all_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_all_n = _tile_position(tl.program_id(0), M, MEMBERS * tiles_n, BLOCK_M, GROUP_M)
     member = pid_all_n // tiles_n
     pid_n = pid_all_n - member * tiles_n
     w_ptr = _pick(member, w0, w1, w2)
@@ -82,13 +74,8 @@ def _dual_linear_group_kernel(
     cols = offs_n % N
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * K
-    if pid_m * BLOCK_M < n_uncond:
-        d_ptrs = down_ptr + offs_k[:, None] + offs_r[None, :] * K
-        acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
-                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
-        acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, DOT_PRECISION, UPCAST)
-    else:
-        acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+    acc = _fused_tile(x_ptrs, w_ptrs, down_ptr, up_ptr, offs_m, offs_k, offs_r, cols, K, R, n_uncond, scale,
+                      pid_m * BLOCK_M < n_uncond, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         bias_ptr = _pick(member, b0, b1, b2)
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]

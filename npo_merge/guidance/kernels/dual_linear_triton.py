@@ -99,6 +99,32 @@ def _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale,
     return _mma(s.to(up_t.dtype), up_t, acc, DOT_PRECISION, UPCAST)
 
 
+@triton.jit
+def _fused_tile(x_ptrs, w_ptrs, down_ptr, up_ptr, offs_m, offs_k, offs_r, cols, K, R, n_uncond, scale, has_uncond,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile's x W^T, with the shrink in the main loop and the expand added where the tile has uncond rows."""
+    if has_uncond:
+        d_ptrs = down_ptr + offs_k[:, None] + offs_r[None, :] * K
+        acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
+        acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, DOT_PRECISION, UPCAST)
+    else:
+        acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _tile_position(pid, M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles sweep the columns
+    together, so their rows of x stay in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+
+
 @triton.jit(do_not_specialize=["n_uncond"])
 def _dual_linear_kernel(
     x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, s_ptr, out_ptr,
@@ -108,15 +134,7 @@ def _dual_linear_kernel(
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Rows of x and W are strided (views are fine); their last dim, down, up, s and out are contiguous.
-    # Grouped tile order: GROUP_M row tiles sweep the columns together, so x stays in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = _tile_position(tl.program_id(0), M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,13 +149,8 @@ def _dual_linear_kernel(
     # get their own pipeline buffers in shared memory.
     has_uncond = pid_m * BLOCK_M < n_uncond
     if FUSED_SHRINK:
-        if has_uncond:
-            d_ptrs = down_ptr + offs_k[:, None] + offs_r[None, :] * K
-            acc, s = _shrink_loop(x_ptrs, w_ptrs, d_ptrs, offs_k, offs_r, K, R,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
-            acc = _expand(acc, s, up_ptr, offs_m, offs_r, cols, R, n_uncond, scale, DOT_PRECISION, UPCAST)
-        else:
-            acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
+        acc = _fused_tile(x_ptrs, w_ptrs, down_ptr, up_ptr, offs_m, offs_k, offs_r, cols, K, R, n_uncond, scale,
+                          has_uncond, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
     else:
         acc = _plain_loop(x_ptrs, w_ptrs, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
         if has_uncond:
