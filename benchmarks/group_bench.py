@@ -8,7 +8,7 @@ in alternating order, median of rounds):
   alone    each member on its own, as `auto` runs a layer outside a group (fused kernel or torch path)
   group    one grouped launch (dual_linear_group, its own tile choice), and each of CONFIGS
 
-Every method is checked against float64 first. Writes group_bench.json to --out (default $OUT or .).
+Every method is checked against float64 first. Writes group_bench_r{rank}.json to --out (default $OUT or .).
 
     python benchmarks/group_bench.py
 """
@@ -80,7 +80,8 @@ def _methods(x: torch.Tensor, layers: list, configs: list) -> dict:
 
 def _compile(job: tuple) -> str | None:
     """Worker: run every variant of one group once, so its kernels land in triton's on-disk cache."""
-    name, members, m, k, n = job
+    global RANK
+    name, members, m, k, n, RANK = job
     x, layers = _group(members, m, k, n)
     try:
         for fn in _methods(x, layers, CONFIGS).values():
@@ -94,7 +95,10 @@ def _compile(job: tuple) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--rank", type=int, default=RANK, help="LoRA rank of every member (default 8)")
     args = parser.parse_args(argv)
+    global RANK
+    RANK = args.rank
     import triton
 
     from npo_merge.guidance.kernels import available, dual_branch_linear_reference
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device and triton", file=sys.stderr)
         return 1
     with concurrent.futures.ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for failure in pool.map(_compile, GROUPS):
+        for failure in pool.map(_compile, [(*group, RANK) for group in GROUPS]):
             if failure:
                 print(f"compile failed: {failure}", flush=True)
     env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               f"max err {max(errors.values()):.1e}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "group_bench.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    (out / f"group_bench_r{RANK}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
     return 2 if failed else 0
 
 
