@@ -93,11 +93,11 @@ def _compile(job: tuple) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RANK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--rank", type=int, default=RANK, help="LoRA rank of every member (default 8)")
     args = parser.parse_args(argv)
-    global RANK
     RANK = args.rank
     import triton
 
