@@ -261,10 +261,11 @@ def group_binder() -> Callable[..., Callable[..., list[torch.Tensor]] | None] | 
     return bind_group
 
 
-# Grouped launches recompute each member's shrink in every column tile (as the fused kernel does);
-# measured faster than the per-layer paths at rank 8 for every SD1.5/SDXL q/k/v and k/v group (H100,
-# CUDA graphs). Larger ranks were not measured grouped, so they keep the per-layer paths.
-GROUP_MAX_RANK = 32
+# Grouped launches recompute each member's shrink in every column tile (as the fused kernel does).
+# H100, CUDA graphs (benchmarks/group_bench.py): faster than the per-layer paths for every SD1.5/SDXL
+# q/k/v and k/v group at rank 8, and at rank 64 for all but SDXL's q/k/v, which tie (within 3 %).
+# Larger ranks were not measured grouped, so they keep the per-layer paths.
+GROUP_MAX_RANK = 64
 
 
 class InputGroup:
