@@ -215,6 +215,20 @@ def test_triton_group_refuses_members_that_do_not_fit():
         launch_group(x, [weight] * 4, [bias] * 4, [down] * 4, [up] * 4, [1.0] * 4, 4)
 
 
+@needs_triton
+@pytest.mark.parametrize("rank", [1, 8, 24, 64])
+def test_triton_group_configs_fit_shared_memory_for_unet_shapes(rank):
+    """Every grouped tile choice for SD1.5/SDXL attention groups fits an H100's 227 KiB, fp16 and fp32."""
+    from npo_merge.guidance.kernels.dual_linear_group import pick_group_config
+
+    for members, m, k, n in [(3, 8192, 320, 320), (3, 2048, 640, 640), (3, 512, 1280, 1280), (3, 2048, 1280, 1280),
+                             (2, 154, 768, 320), (2, 154, 2048, 1280)]:
+        for element_size in (2, 4):
+            cfg = pick_group_config(m, n, k, rank, members, element_size)
+            stage = element_size * cfg.block_k * (cfg.block_m + cfg.block_n + rank_block(rank))
+            assert stage * cfg.num_stages <= 227 * 1024
+
+
 @pytest.mark.skipif(TRITON_HERE or not HAS_TRITON or torch.cuda.is_available(), reason="ran in this process")
 def test_triton_in_fresh_interpreter():
     """Rerun this file's Triton tests in a process where TRITON_INTERPRET=1 precedes any triton import."""

@@ -90,11 +90,13 @@ def pick_group_config(m: int, n: int, k: int, rank: int, members: int, element_s
     K step for the mid-sized groups (SD1.5's 640- and 1280-channel q/k/v), which measured fastest.
     """
     if m <= 256:
-        return KernelConfig(64, 64 if n >= 1280 else 32, 128, 8, 4, 3)
-    flop = 2.0 * m * k * n * members
-    block_k = 32 if k >= 640 and flop <= 8e9 else 64
-    stage_bytes = element_size * block_k * (128 + 128 + rank_block(rank))
-    return KernelConfig(128, 128, block_k, 8, 4, max(2, min(3, (200 * 1024) // stage_bytes)))
+        block_m, block_n, block_k = 64, 64 if n >= 1280 else 32, 128
+    else:
+        block_m, block_n = 128, 128
+        block_k = 32 if k >= 640 and 2.0 * m * k * n * members <= 8e9 else 64
+    # Three pipeline stages where they fit in shared memory (the x, W and down tiles), else two.
+    stage_bytes = element_size * block_k * (block_m + block_n + rank_block(rank))
+    return KernelConfig(block_m, block_n, block_k, 8, 4, max(2, min(3, (200 * 1024) // stage_bytes)))
 
 
 class GroupLaunch:
