@@ -184,12 +184,12 @@ def test_triton_configs_fit_shared_memory_for_unet_shapes(rank):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("members", [2, 3])
-def test_triton_group_kernel_matches_float64(members, dtype):
+@pytest.mark.parametrize(("members", "rank"), [(2, 8), (3, 8), (3, 64)])
+def test_triton_group_kernel_matches_float64(members, rank, dtype):
     """One grouped launch gives every member its own dual-branch output (own weights, factors, scale)."""
     from npo_merge.guidance.kernels.dual_linear_group import launch_group
 
-    rows, k, n, rank = 70, 40, 40, 8  # 3 row tiles x 2 column tiles per member of SMALL; K not a multiple of 16
+    rows, k, n = 70, 40, 40  # 3 row tiles x 2 column tiles per member of SMALL; K not a multiple of 16
     for seed, (n_uncond, bias) in enumerate([(35, True), (45, False), (0, True), (rows, True)]):
         layers = [_layer(rows, k, n, rank, dtype, seed=10 * seed + i, bias=bias) for i in range(members)]
         x = layers[0][0].view(2, rows // 2, k)
