@@ -1,6 +1,6 @@
 """Grouped dual-branch launches: attention's q/k/v (or cross-attention's k/v) in one kernel, per group shape.
 
-For the SD1.5 (512x512) and SDXL (1024x1024) attention groups with a CFG batch of 2, rank 8, times one
+For the SD1.5 (512x512) and SDXL (1024x1024) attention groups with a CFG batch of 2, rank 8 (--rank), times one
 group's work under CUDA graphs (100 back-to-back group calls per graph, median of 9 replays, three rounds
 in alternating order, median of rounds):
 
@@ -41,16 +41,16 @@ GROUPS = [("sd15.qkv.320", 3, 8192, 320, 320), ("sd15.qkv.640", 3, 2048, 640, 64
 # (block_m, block_n, block_k, group_m, num_warps, num_stages)
 CONFIGS = [(128, 128, 64, 8, 4, 3), (128, 128, 32, 8, 4, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3),
            (128, 256, 64, 8, 8, 3), (64, 64, 128, 8, 4, 3), (64, 32, 128, 8, 4, 3), (128, 128, 64, 8, 8, 3)]
-RANK, SCALE = 8, 0.75
+RANK, SCALE = 8, 0.75  # default rank; --rank overrides
 
 
-def _group(members: int, m: int, k: int, n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+def _group(members: int, m: int, k: int, n: int, rank: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def draw(*shape: int, std: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device="cuda") * std).half()
 
-    layers = [(draw(n, k, std=k**-0.5), draw(n), draw(RANK, k, std=k**-0.5), draw(n, RANK, std=RANK**-0.5))
+    layers = [(draw(n, k, std=k**-0.5), draw(n), draw(rank, k, std=k**-0.5), draw(n, rank, std=rank**-0.5))
               for _ in range(members)]
     return draw(m, k), layers
 
@@ -63,11 +63,12 @@ def _methods(x: torch.Tensor, layers: list, configs: list) -> dict:
 
     m, k = x.shape
     n_uncond = m // 2
+    rank = layers[0][2].shape[0]
     tensors = [[layer[i] for layer in layers] for i in range(4)]
     scales = [SCALE] * len(layers)
 
     def alone() -> list[torch.Tensor]:
-        fused = prefers_fused(m, k, layers[0][0].shape[0], RANK)  # the capture-time rule for a lone layer
+        fused = prefers_fused(m, k, layers[0][0].shape[0], rank)  # the capture-time rule for a lone layer
         return [dual_branch_linear_eager(x, w, b, d, u, SCALE, n_uncond) if fused else lowrank_linear(x, w, b, d, u, SCALE, n_uncond)
                 for w, b, d, u in layers]
 
@@ -80,9 +81,8 @@ def _methods(x: torch.Tensor, layers: list, configs: list) -> dict:
 
 def _compile(job: tuple) -> str | None:
     """Worker: run every variant of one group once, so its kernels land in triton's on-disk cache."""
-    global RANK
-    name, members, m, k, n, RANK = job
-    x, layers = _group(members, m, k, n)
+    name, members, m, k, n, rank = job
+    x, layers = _group(members, m, k, n, rank)
     try:
         for fn in _methods(x, layers, CONFIGS).values():
             fn()
@@ -93,12 +93,11 @@ def _compile(job: tuple) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global RANK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--rank", type=int, default=RANK, help="LoRA rank of every member (default 8)")
     args = parser.parse_args(argv)
-    RANK = args.rank
+    rank = args.rank
     import triton
 
     from npo_merge.guidance.kernels import available, dual_branch_linear_reference
@@ -107,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device and triton", file=sys.stderr)
         return 1
     with concurrent.futures.ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for failure in pool.map(_compile, [(*group, RANK) for group in GROUPS]):
+        for failure in pool.map(_compile, [(*group, rank) for group in GROUPS]):
             if failure:
                 print(f"compile failed: {failure}", flush=True)
     env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rank": RANK, "dtype": "float16", "command": " ".join(sys.argv)}
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rank": rank, "dtype": "float16", "command": " ".join(sys.argv)}
     results, failed = [], False
     for name, members, m, k, n in GROUPS:
-        x, layers = _group(members, m, k, n)
+        x, layers = _group(members, m, k, n, rank)
         refs = [dual_branch_linear_reference(x.double(), w.double(), b.double(), d.double(), u.double(), SCALE, m // 2)
                 for w, b, d, u in layers]
         methods = _methods(x, layers, CONFIGS)
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               f"max err {max(errors.values()):.1e}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"group_bench_r{RANK}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    (out / f"group_bench_r{rank}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
     return 2 if failed else 0
 
 
