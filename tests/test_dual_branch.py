@@ -131,6 +131,127 @@ def test_stacked_stores_theta_c_once_and_release_gives_it_back():
     assert torch.equal(layer.weight, before)
 
 
+def _joint_conv(bias: bool = True, stride: int = 1) -> tuple[nn.Conv2d, torch.Tensor, BranchDelta]:
+    """A conv with 8 output channels and a rank-2 delta: `joint_conv2d` serves it."""
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(3, 8, 3, stride=stride, padding=1, bias=bias).to(DT)
+    return conv, torch.randn(4, 3, 6, 5, generator=gen, dtype=DT), BranchDelta(_lora(conv))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("n_uncond", [1, 2, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_joint_conv_equals_separate_shrink_and_expand(memory_format, n_uncond, bias):
+    conv, x, delta = _joint_conv(bias, stride=2)
+    factors = delta.weight
+    joint_weight = torch.cat([conv.weight.detach(), factors.down]).contiguous(memory_format=memory_format)
+    joint_bias = None if conv.bias is None else torch.cat([conv.bias.detach(), torch.zeros(2, dtype=DT)])
+    x = x.contiguous(memory_format=memory_format)
+    expected = dual_branch.lowrank_conv2d(x, conv.weight, conv.bias, factors.down, factors.up, 0.6, n_uncond, (2, 2), (1, 1))
+    with torch.no_grad():
+        got = dual_branch.joint_conv2d(x, joint_weight, joint_bias, factors.up, 0.6, n_uncond, (2, 2), (1, 1))
+    assert got.shape == expected.shape == (4, 8, 3, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_joint_conv_layer_keeps_one_copy_of_w_across_to_and_release(bias):
+    conv, x, delta = _joint_conv(bias)
+    before = [p.detach().clone() for p in conv.parameters()]
+    expected = _by_hand(conv, delta, 0.7, x, 2)
+    wrapped = dual_branch_module(conv, delta, 0.7)
+    joint = wrapped.joint_weight
+    assert joint.shape == (10, 3, 3, 3)
+    assert conv.weight.data_ptr() == joint.data_ptr() and wrapped.down.data_ptr() == joint[8:].data_ptr()
+    assert wrapped.extra_bytes() == (wrapped.down.numel() + wrapped.up.numel()) * 8
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), expected, rtol=1e-12, atol=1e-12)
+    wrapped.to(torch.float32)  # converts W and down apart: the layer joins them again
+    assert conv.weight.dtype == wrapped.joint_weight.dtype == torch.float32
+    assert conv.weight.data_ptr() == wrapped.joint_weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x.float()), expected.float(), rtol=1e-5, atol=1e-5)
+    original = wrapped.release()
+    assert original is conv
+    assert conv.weight.untyped_storage().data_ptr() != wrapped.joint_weight.untyped_storage().data_ptr()
+    for param, old in zip(conv.parameters(), before):
+        assert param.shape == old.shape
+        torch.testing.assert_close(param.detach(), old.float())
+
+
+def test_joint_conv_steps_aside_for_autograd_and_large_ranks():
+    conv, x, delta = _joint_conv()
+    wrapped = dual_branch_module(copy.deepcopy(conv), delta, 1.0)
+    x.requires_grad_(True)
+    wrapped(x).square().sum().backward()  # the in-place expand would not be differentiable: lowrank path
+    reference = x.grad.clone()
+    x.grad = None
+    _by_hand(conv, delta, 1.0, x, 2).square().sum().backward()
+    torch.testing.assert_close(reference, x.grad)
+    wide = BranchDelta(_lora(conv, rank=3))  # 3 * JOINT_MIN_OUT_PER_RANK > 8 output channels
+    assert dual_branch_module(copy.deepcopy(conv), wide, 1.0).joint_weight is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("n_uncond", [0, 1, 2, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_materialized_linear_equals_shrink_and_expand(layout, n_uncond, bias):
+    layer, x = _layer("linear3d", bias=bias)
+    if layout == "transposed":  # (batch, pixels, channels) viewed from NCHW, as diffusers' proj_in gets it
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    factors = _lora(layer)
+    down, up = factors.down, factors.up
+    expected = lowrank_linear(x, layer.weight, layer.bias, down, up, 0.6, n_uncond)
+    with torch.no_grad():
+        got = dual_branch.materialized_linear(x, layer.weight, layer.bias, down, up, 0.6, n_uncond)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_backend_materializes_theta_u_for_many_uncond_rows(monkeypatch):
+    """Calls the fused op does not take go to `materialized_linear` from MATERIALIZE_MIN_ROWS uncond rows."""
+    layer, x = _layer("linear3d")
+    wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: lambda *args: pytest.fail("the fused op was called"))
+    monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager: False)
+    wrapped.set_backend("auto")
+    taken = []
+    for name in ("lowrank_linear", "materialized_linear"):
+        real = getattr(dual_branch, name)
+        monkeypatch.setattr(dual_branch, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    assert dual_branch.prefers_materialized(4096) and not dual_branch.prefers_materialized(1024)
+    expected = _by_hand(layer, BranchDelta(_lora(layer)), 1.0, x, 2)
+    for min_rows, path in ((7, "lowrank_linear"), (6, "materialized_linear")):  # 2 uncond items x 3 tokens
+        monkeypatch.setattr(dual_branch, "MATERIALIZE_MIN_ROWS", min_rows)
+        wrapped.set_backend("auto")
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(x), expected)
+        assert taken[-1] == path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_joint_conv_and_materialized_linear_on_cuda(dtype):
+    """Half-precision cuDNN/cuBLAS paths against float64, at SD1.5 shapes, NCHW and channels_last."""
+    gen = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(320, 320, 3, padding=1).to(DT)
+    delta = BranchDelta(_lora(conv, rank=64))
+    x = torch.randn(2, 320, 64, 64, generator=gen, dtype=DT)
+    expected = _by_hand(conv, delta, 1.0, x, 1)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        wrapped = dual_branch_module(copy.deepcopy(conv), delta, 1.0).to("cuda", dtype, memory_format=memory_format)
+        assert wrapped.joint_weight is not None
+        with torch.no_grad():
+            got = wrapped(x.to("cuda", dtype).contiguous(memory_format=memory_format)).double().cpu()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    linear = nn.Linear(640, 640).to(DT)
+    factors = _lora(linear, rank=64)
+    x = torch.randn(2, 640, 4096, generator=gen, dtype=DT).transpose(1, 2)
+    expected = lowrank_linear(x, linear.weight, linear.bias, factors.down, factors.up, 0.05, 1)
+    cuda = [t.to("cuda", dtype) for t in (x, linear.weight, linear.bias, factors.down, factors.up)]
+    got = dual_branch.materialized_linear(*cuda, 0.05, 1).double().cpu()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+
+
 def test_buffers_follow_module_dtype():
     layer, x = _layer("linear3d")
     wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0).to(torch.float32)

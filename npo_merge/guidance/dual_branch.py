@@ -125,6 +125,45 @@ def lowrank_linear(
     return y
 
 
+def materialized_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """theta_u = W + scale * up @ down for one call (shaped like W, rounded once), never stored.
+
+    weight (out, ...), down (r, ...) and up (out, r, ...) as a layer holds them; one small GEMM whose cost
+    does not grow with the batch, so it undercuts the shrink/expand pair wherever rows far outnumber
+    the layer's channels (high-resolution layers).
+    """
+    flat = torch.addmm(weight.reshape(weight.shape[0], -1), up.reshape(up.shape[0], -1),
+                       down.reshape(down.shape[0], -1), alpha=scale)
+    return flat.view(weight.shape)
+
+
+def materialized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    n_uncond: int,
+) -> torch.Tensor:
+    """`lowrank_linear`'s result from two half GEMMs: the uncond rows through `materialized_weight`,
+    the rest through W, each written straight into its rows of the output."""
+    if n_uncond == 0:
+        return F.linear(x, weight, bias)
+    theta_u = materialized_weight(weight, down, up, scale)
+    if n_uncond == x.shape[0]:
+        return F.linear(x, theta_u, bias)
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for part, w in ((slice(None, n_uncond), theta_u), (slice(n_uncond, None), weight)):
+        # Split before flattening: a half of one sample flattens as a view even when x is a transposed view.
+        rows, out = x[part].reshape(-1, x.shape[-1]), y[part].view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(rows, w.t(), out=out)
+        else:
+            torch.addmm(bias, rows, w.t(), out=out)
+    return y
+
+
 def dense_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, diff: torch.Tensor, n_uncond: int
 ) -> torch.Tensor:
@@ -172,6 +211,43 @@ def lowrank_conv2d(
         shrunk = F.conv2d(x[:n_uncond], down, None, stride, padding, dilation)
         y[:n_uncond].add_(F.conv2d(shrunk, up), alpha=scale)
     return y
+
+
+def joint_conv2d(
+    x: torch.Tensor,
+    joint_weight: torch.Tensor,
+    joint_bias: torch.Tensor | None,
+    up: torch.Tensor,
+    scale: float,
+    n_uncond: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] | str = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """`lowrank_conv2d`'s result from ONE convolution with the kernel [W; down] (out + r, in, kh, kw).
+
+    The shrink comes out as r extra output channels of the base convolution (cuDNN runs one large conv
+    far better than a second thin one), and the expand is a GEMM accumulated into the uncond samples'
+    channels in place. Returns a view of the first `out` channels; joint_bias is [b; 0] or None.
+    """
+    out = up.shape[0]
+    y = F.conv2d(x, joint_weight, joint_bias, stride, padding, dilation)
+    if n_uncond > 0:
+        _expand_channels(y, out, up.reshape(out, -1), scale, n_uncond)
+    return y[:, :out]
+
+
+def _expand_channels(y: torch.Tensor, out: int, up: torch.Tensor, scale: float, n_uncond: int) -> None:
+    """y[:n, :out] += scale * up @ y[:n, out:] per uncond sample and pixel, in place (y: (N, out + r, H, W))."""
+    y_u, shrunk = y[:n_uncond, :out], y[:n_uncond, out:]
+    batch, pixels = n_uncond, y.shape[2] * y.shape[3]
+    if y.is_contiguous():  # NCHW: per sample, (channels, pixels) matrices with a batch stride
+        y_u.view(batch, out, pixels).baddbmm_(up.expand(batch, -1, -1), shrunk.view(batch, -1, pixels), alpha=scale)
+    elif y.is_contiguous(memory_format=torch.channels_last):  # NHWC: (pixels, channels), row stride out + r
+        rows = y_u.permute(0, 2, 3, 1).view(batch, pixels, out)
+        rows.baddbmm_(shrunk.permute(0, 2, 3, 1).view(batch, pixels, -1), up.t().expand(batch, -1, -1), alpha=scale)
+    else:
+        y_u.add_(F.conv2d(shrunk, up[:, :, None, None]), alpha=scale)
 
 
 def dense_conv2d(
@@ -243,6 +319,18 @@ def prefers_fused(rows: int, in_features: int, out_features: int, rank: int, *, 
     return flop <= FUSED_MAX_FLOP or (in_features <= 320 and rank <= 32)
 
 
+# Where the per-call theta_u (`materialized_linear`) beats the shrink/expand pair on an H100
+# (benchmarks/layer_bench.py, 2026-11-26): its cost (one small GEMM and a weight-sized write) does not grow
+# with the rows, while the pair's does; from 4096 uncond rows (the 64x64 layers of a batch-1 SDXL or the
+# 64x64 layers of SD1.5) it is ahead at ranks 8 and 64.
+MATERIALIZE_MIN_ROWS = 4096
+
+
+def prefers_materialized(uncond_rows: int) -> bool:
+    """Per-shape dispatch for backend "auto", for calls the fused kernel does not take: theta_u for the call?"""
+    return uncond_rows >= MATERIALIZE_MIN_ROWS
+
+
 def fused_binder() -> Callable[..., FusedLinear | None] | None:
     """The kernels package's `bind_eager` (a fused call bound to one input shape), or None without it."""
     try:
@@ -266,6 +354,10 @@ def group_binder() -> Callable[..., Callable[..., list[torch.Tensor]] | None] | 
 # q/k/v and k/v group at rank 8, and at rank 64 for all but SDXL's q/k/v, which tie (within 3 %).
 # Larger ranks were not measured grouped, so they keep the per-layer paths.
 GROUP_MAX_RANK = 64
+# Above this rank a group whose members would each take `materialized_linear` leaves them to it (SDXL's
+# 64x64 q/k/v, H100 graphs: grouped 1.73x plain at rank 64 against 1.51x materialized one by one; grouped
+# 1.27x at rank 8 against 1.54x).
+GROUP_MATERIALIZE_RANK = 32
 
 
 class InputGroup:
@@ -299,6 +391,10 @@ class InputGroup:
             return None
         members = self.members
         rows = n_uncond * math.prod(x.shape[1:-1])  # the kernel counts uncond rows of x flattened to 2-D
+        first, rank = members[0], members[0].down.shape[0]
+        if rank > GROUP_MATERIALIZE_RANK and prefers_materialized(rows) and not prefers_fused(
+                x.numel() // x.shape[-1], first.in_features, first.out_features, rank, eager=not _capturing(x)):
+            return None  # each member alone, with its own theta_u, is faster
         return binder(x, [m.weight for m in members], [m.bias for m in members], [m.down for m in members],
                       [m.up for m in members], rows)
 
@@ -501,8 +597,12 @@ class DualBranchLinear(DualBranchLayer):
             bound = binder(x, weight, bias, down, up, rows) if binder is not None else None
             route = bound or (lambda x, w, b, d, u, s: fused(x, w, b, d, u, s, rows))
         else:
-            y = lowrank_linear(x, weight, bias, down, up, scale, n_uncond)
-            route = lambda x, w, b, d, u, s: lowrank_linear(x, w, b, d, u, s, n_uncond)  # noqa: E731
+            path = lowrank_linear
+            if self.backend == "auto" and not torch.compiler.is_compiling():
+                if prefers_materialized(n_uncond * math.prod(x.shape[1:-1])):
+                    path = materialized_linear
+            y = path(x, weight, bias, down, up, scale, n_uncond)
+            route = lambda x, w, b, d, u, s: path(x, w, b, d, u, s, n_uncond)  # noqa: E731
         if key is not None:
             self._routes[key] = route
         return y
@@ -531,6 +631,11 @@ class DualBranchLinear(DualBranchLayer):
         if bias_diff is not None and n_uncond > 0:
             y[:n_uncond].add_(bias_diff)
         return y
+
+
+# `joint_conv2d` computes the shrink for the cond samples too (r extra output channels over the whole
+# batch), so it serves layers whose output channels outnumber the rank this many times over.
+JOINT_MIN_OUT_PER_RANK = 4
 
 
 class DualBranchConv2d(DualBranchLayer):
@@ -575,12 +680,45 @@ class DualBranchConv2d(DualBranchLayer):
             self.diff = (delta.dense_weight(weight.shape, _work_dtype(weight)) * eta).to(**like)
         else:
             raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
+        # [W; down] and [b; 0] for `joint_conv2d`, or None. W and down are views of joint_weight (kept
+        # out of the buffers so that .to() converts them once, through the Parameter and `down`).
+        self.joint_weight: torch.Tensor | None = None
+        self.joint_bias: torch.Tensor | None = None
+        self._join()
+
+    def _join(self) -> None:
+        """Store W and down as one tensor [W; down] (the shared Parameter and the buffer become views of it)
+        where `joint_conv2d` serves the layer: low-rank, and rank small beside the output channels."""
+        if self.strategy != "lowrank" or self.down.shape[0] * JOINT_MIN_OUT_PER_RANK > self.out_channels:
+            return
+        weight, bias, out, rank = self.weight, self.bias, self.out_channels, self.down.shape[0]
+        joint = torch.cat([weight.detach(), self.down])
+        weight.data, self.down, self.joint_weight = joint[:out], joint[out:], joint
+        if bias is not None:
+            joint_bias = torch.cat([bias.detach(), bias.new_zeros(rank)])
+            bias.data, self.joint_bias = joint_bias[:out], joint_bias
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        module = super()._apply(fn, recurse)  # converts W (the Parameter) and down apart: join them again
+        self._join()
+        return module
+
+    def release(self) -> nn.Module:
+        if self.joint_weight is not None:  # give the Parameters their own storage so the joint one can go
+            self.weight.data = self.weight.data.clone()
+            if self.bias is not None:
+                self.bias.data = self.bias.data.clone()
+        return self.original
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_uncond = uncond_rows(x.shape[0], self.mode)
         params, buffers = self._parameters, self._buffers  # see DualBranchLinear.forward
         weight, bias = params["weight"], params["bias"]
-        if self.strategy == "lowrank":
+        joint = self.joint_weight
+        if joint is not None and n_uncond > 0 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            y = joint_conv2d(x, joint, self.joint_bias, buffers["up"], self.scale, n_uncond, self.stride, self.padding,
+                             self.dilation)
+        elif self.strategy == "lowrank":
             y = lowrank_conv2d(x, weight, bias, buffers["down"], buffers["up"], self.scale, n_uncond, self.stride,
                                self.padding, self.dilation)
         else:
