@@ -240,9 +240,12 @@ def test_joint_conv_and_materialized_linear_on_cuda(dtype):
     for memory_format in (torch.contiguous_format, torch.channels_last):
         wrapped = dual_branch_module(copy.deepcopy(conv), delta, 1.0).to("cuda", dtype, memory_format=memory_format)
         assert wrapped.joint_weight is not None
+        x_cuda = x.to("cuda", dtype).contiguous(memory_format=memory_format)
         with torch.no_grad():
-            got = wrapped(x.to("cuda", dtype).contiguous(memory_format=memory_format)).double().cpu()
-        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+            for _ in range(2):  # the first call times joint against lowrank, the second takes the winner
+                got = wrapped(x_cuda).double().cpu()
+                assert ((got - expected).norm() / expected.norm()).item() < 1e-2, memory_format
+        assert len(wrapped._joint_faster) == 1
     linear = nn.Linear(640, 640).to(DT)
     factors = _lora(linear, rank=64)
     x = torch.randn(2, 640, 4096, generator=gen, dtype=DT).transpose(1, 2)
