@@ -226,6 +226,8 @@ def test_auto_backend_materializes_theta_u_for_many_uncond_rows(monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(wrapped(x), expected)
         assert taken[-1] == path
+    wrapped(x).sum().backward()  # autograd records: the shrink/expand pair, even where many rows would materialize
+    assert taken[-1] == "lowrank_linear" and layer.weight.grad is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -250,7 +252,7 @@ def test_joint_conv_and_materialized_linear_on_cuda(dtype):
     factors = _lora(linear, rank=64)
     x = torch.randn(2, 640, 4096, generator=gen, dtype=DT).transpose(1, 2)
     expected = lowrank_linear(x, linear.weight, linear.bias, factors.down, factors.up, 0.05, 1)
-    cuda = [t.to("cuda", dtype) for t in (x, linear.weight, linear.bias, factors.down, factors.up)]
+    cuda = [t.detach().to("cuda", dtype) for t in (x, linear.weight, linear.bias, factors.down, factors.up)]
     got = dual_branch.materialized_linear(*cuda, 0.05, 1).double().cpu()
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 

@@ -614,9 +614,9 @@ class DualBranchLinear(DualBranchLayer):
             route = bound or (lambda x, w, b, d, u, s: fused(x, w, b, d, u, s, rows))
         else:
             path = lowrank_linear
-            if self.backend == "auto" and not torch.compiler.is_compiling():
-                if prefers_materialized(n_uncond * math.prod(x.shape[1:-1])):
-                    path = materialized_linear
+            # key is None under autograd (materialized_linear writes through out=) and torch.compile
+            if key is not None and self.backend == "auto" and prefers_materialized(n_uncond * math.prod(x.shape[1:-1])):
+                path = materialized_linear
             y = path(x, weight, bias, down, up, scale, n_uncond)
             route = lambda x, w, b, d, u, s: path(x, w, b, d, u, s, n_uncond)  # noqa: E731
         if key is not None:
