@@ -6,6 +6,7 @@ in alternating order, median of rounds):
 
   plain    cuBLAS F.linear per member (one merged model: the floor to match)
   alone    each member on its own, as `auto` runs a layer outside a group (fused kernel or torch path)
+  joint    one cuBLAS GEMM over [W_1; ..; W_m; down_1; ..; down_m], then one expand per member (joint_linear)
   group    one grouped launch (dual_linear_group, its own tile choice), and each of CONFIGS
 
 Every method is checked against float64 first. Writes group_bench_r{rank}.json to --out (default $OUT or .).
@@ -56,7 +57,7 @@ def _group(members: int, m: int, k: int, n: int, rank: int) -> tuple[torch.Tenso
 
 
 def _methods(x: torch.Tensor, layers: list, configs: list) -> dict:
-    from npo_merge.guidance.dual_branch import lowrank_linear, prefers_fused
+    from npo_merge.guidance.dual_branch import joint_linear, lowrank_linear, prefers_fused
     from npo_merge.guidance.kernels import dual_branch_linear_eager
     from npo_merge.guidance.kernels.dual_linear_group import GroupLaunch
     from npo_merge.guidance.kernels.dual_linear_triton import KernelConfig
@@ -72,19 +73,22 @@ def _methods(x: torch.Tensor, layers: list, configs: list) -> dict:
         return [dual_branch_linear_eager(x, w, b, d, u, SCALE, n_uncond) if fused else lowrank_linear(x, w, b, d, u, SCALE, n_uncond)
                 for w, b, d, u in layers]
 
+    joint_weight = torch.cat(tensors[0] + tensors[2])
+    joint_bias = torch.cat(tensors[1] + [b.new_zeros(rank) for b in tensors[1]])
     methods = {"plain": lambda: [F.linear(x, w, b) for w, b, _, _ in layers], "alone": alone,
+               "joint": lambda: joint_linear(x, joint_weight, joint_bias, tensors[3], scales, n_uncond),
                "group": GroupLaunch(x, *tensors, n_uncond)}
     for config in configs:
         methods[str(config)] = GroupLaunch(x, *tensors, n_uncond, KernelConfig(*config))
-    return {name: (fn if name in ("plain", "alone") else (lambda fn=fn: fn(x, scales))) for name, fn in methods.items()}
+    return {name: (fn if name in ("plain", "alone", "joint") else (lambda fn=fn: fn(x, scales))) for name, fn in methods.items()}
 
 
 def _compile(job: tuple) -> str | None:
     """Worker: run every variant of one group once, so its kernels land in triton's on-disk cache."""
-    name, members, m, k, n, rank = job
+    name, members, m, k, n, rank, configs = job
     x, layers = _group(members, m, k, n, rank)
     try:
-        for fn in _methods(x, layers, CONFIGS).values():
+        for fn in _methods(x, layers, configs).values():
             fn()
         torch.cuda.synchronize()
     except Exception as error:  # reported again when the main process runs it
@@ -96,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--rank", type=int, default=RANK, help="LoRA rank of every member (default 8)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the kernel-config sweep (CONFIGS)")
     args = parser.parse_args(argv)
-    rank = args.rank
+    rank, configs = args.rank, [] if args.no_sweep else CONFIGS
     import triton
 
     from npo_merge.guidance.kernels import available, dual_branch_linear_reference
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device and triton", file=sys.stderr)
         return 1
     with concurrent.futures.ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for failure in pool.map(_compile, [(*group, rank) for group in GROUPS]):
+        for failure in pool.map(_compile, [(*group, rank, configs) for group in GROUPS]):
             if failure:
                 print(f"compile failed: {failure}", flush=True)
     env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         x, layers = _group(members, m, k, n, rank)
         refs = [dual_branch_linear_reference(x.double(), w.double(), b.double(), d.double(), u.double(), SCALE, m // 2)
                 for w, b, d, u in layers]
-        methods = _methods(x, layers, CONFIGS)
+        methods = _methods(x, layers, configs)
         errors = {}
         for key, fn in methods.items():
             if key != "plain":
@@ -131,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         us = {key: statistics.median(v) for key, v in times.items()}
         results.append({"group": name, "members": members, "m": m, "k": k, "n": n, "us": us, "rounds_us": times,
                         "max_rel_err": max(errors.values())})
-        best = min((v, key) for key, v in us.items() if key.startswith("("))
+        best = min(((v, key) for key, v in us.items() if key.startswith("(")), default=(us["group"], "group"))
         print(f"{name} x{members} ({m},{k},{n}): plain {us['plain']:.2f} us, alone {us['alone'] / us['plain']:.3f}x, "
-              f"group {us['group'] / us['plain']:.3f}x, best config {best[1]} {best[0] / us['plain']:.3f}x, "
+              f"group {us['group'] / us['plain']:.3f}x, joint {us['joint'] / us['plain']:.3f}x, best config {best[1]} {best[0] / us['plain']:.3f}x, "
               f"max err {max(errors.values()):.1e}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

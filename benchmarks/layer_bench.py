@@ -7,7 +7,7 @@ of 7 replays) on every path that serves it:
   plain        the original nn.Linear / nn.Conv2d on the whole batch (the floor)
   auto         the layer as enable_npo(backend="auto") installs it, grouping off
   lowrank      base op + shrink/expand on the uncond half (torch)
-  joint        convolutions: one conv with the kernel [W; down], expand accumulated in place
+  joint        one conv / GEMM with the kernel [W; down], expand accumulated in place
   materialize  linear layers: theta_u = W + s * up @ down for the call, uncond half through theta_u
   fused        linear layers: the fused Triton kernel
 
@@ -48,7 +48,10 @@ def _paths(layer: db.DualBranchLayer, x: torch.Tensor) -> dict:
         paths = {"lowrank": lambda: db.lowrank_conv2d(x, w, b, d, u, s, n, *conv),
                  "joint": lambda: db.joint_conv2d(x, joint, joint_bias, u, s, n, *conv)}
     else:
+        joint = torch.cat([w, d])
+        joint_bias = None if b is None else torch.cat([b, b.new_zeros(d.shape[0])])
         paths = {"lowrank": lambda: db.lowrank_linear(x, w, b, d, u, s, n),
+                 "joint": lambda: db.joint_linear(x, joint, joint_bias, [u], [s], n)[0],
                  "materialize": lambda: db.materialized_linear(x, w, b, d, u, s, n)}
         if layer.fused is not None:
             rows = n * (x.numel() // x.shape[-1] // x.shape[0])

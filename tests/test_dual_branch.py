@@ -154,14 +154,22 @@ def test_joint_conv_equals_separate_shrink_and_expand(memory_format, n_uncond, b
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def _joint_linear(bias: bool = True, stride: int = 1) -> tuple[nn.Linear, torch.Tensor, BranchDelta]:
+    """A linear layer with 8 outputs and a rank-2 delta: `joint_linear` can serve it."""
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(6, 8, bias=bias).to(DT)
+    return linear, torch.randn(4, 3, 6, generator=gen, dtype=DT), BranchDelta(_lora(linear))
+
+
+@pytest.mark.parametrize("make", [_joint_conv, _joint_linear])
 @pytest.mark.parametrize("bias", [False, True])
-def test_joint_conv_layer_keeps_one_copy_of_w_across_to_and_release(bias):
-    conv, x, delta = _joint_conv(bias)
+def test_joint_layer_keeps_one_copy_of_w_across_to_and_release(make, bias):
+    conv, x, delta = make(bias)
     before = [p.detach().clone() for p in conv.parameters()]
     expected = _by_hand(conv, delta, 0.7, x, 2)
     wrapped = dual_branch_module(conv, delta, 0.7)
     joint = wrapped.joint_weight
-    assert joint.shape == (10, 3, 3, 3)
+    assert joint.shape == (10, *conv.weight.shape[1:])
     assert conv.weight.data_ptr() == joint.data_ptr() and wrapped.down.data_ptr() == joint[8:].data_ptr()
     assert wrapped.extra_bytes() == (wrapped.down.numel() + wrapped.up.numel()) * 8
     with torch.no_grad():
@@ -177,6 +185,23 @@ def test_joint_conv_layer_keeps_one_copy_of_w_across_to_and_release(bias):
     for param, old in zip(conv.parameters(), before):
         assert param.shape == old.shape
         torch.testing.assert_close(param.detach(), old.float())
+
+
+def test_joint_linear_is_the_rule_path_without_timings(monkeypatch):
+    """Without GPU timings (CPU here; capture with no eager call first) a joined layer takes `joint_linear`
+    where the fused op and materializing are not preferred."""
+    linear, x, delta = _joint_linear()
+    wrapped = dual_branch_module(copy.deepcopy(linear), delta, 0.7)
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: lambda *args: pytest.fail("the fused op was called"))
+    monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager: False)
+    wrapped.set_backend("auto")
+    taken = []
+    real = dual_branch.joint_linear
+    monkeypatch.setattr(dual_branch, "joint_linear", lambda *a: taken.append(a) or real(*a))
+    with torch.no_grad():
+        got = wrapped(x)
+    assert len(taken) == 1 and got.stride()[-2] == 10  # a view of the joint GEMM's output
+    torch.testing.assert_close(got, _by_hand(linear, delta, 0.7, x, 2), rtol=1e-12, atol=1e-12)
 
 
 def test_joint_conv_steps_aside_for_autograd_and_large_ranks():
@@ -368,21 +393,21 @@ def test_eager_inference_decides_and_binds_the_path_once_per_input_shape(monkeyp
         for _ in range(3):
             torch.testing.assert_close(wrapped(x), expected)
         assert len(decisions) == 1
-        assert [c for c in calls if c[0] == "bound"] == [("bound", 6), ("bound", 6)]  # the first call went the general way
-        wrapped(x[:2])  # another shape: 6 rows, where this rule says torch
+        assert calls == [("bound", 6), ("op", 6)] * 3  # bound on the first call, reused after
+        wrapped(x[:2])  # another shape: 6 rows, where this rule says torch (eager rule, then the capture rule)
         wrapped(x[:2])
-        assert len(decisions) == 2 and len(calls) == 5
+        assert len(decisions) == 3 and len(calls) == 6
         wrapped.set_mode("uncond")  # other uncond rows: decided again
         wrapped(x)
-        assert len(decisions) == 3 and calls[-1] == ("op", 12)
+        assert len(decisions) == 4 and calls[-2:] == [("bound", 12), ("op", 12)]
         wrapped.set_backend("auto")
         wrapped(x)
-        assert len(decisions) == 4
+        assert len(decisions) == 5
         wrapped.to(DT)
         assert not wrapped._routes
     wrapped(x)
     wrapped(x)  # the layer's parameters require grad: no binding, every call decides
-    assert len(decisions) == 6 and calls[-1] == ("op", 12)
+    assert len(decisions) == 7 and calls[-1] == ("op", 12)
 
 
 def _fake_group_binder(runs: list):

@@ -480,3 +480,41 @@ def test_group_launch_goes_direct_after_the_first_call_and_replays_in_a_cuda_gra
         out.fill_(float("nan"))
     graph.replay()
     assert all(torch.equal(a, b) for a, b in zip(captured, first))
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,features", [(2 * 1024, 1280), (2 * 4096, 640), (2 * 77, 2048)])
+def test_auto_times_the_paths_on_the_first_eager_call_and_graph_capture_keeps_the_winner(rows, features):
+    """backend 'auto' on a joined layer at SDXL shapes: the first eager call times every path and keeps the one
+    with the least GPU time for the shape; a CUDA graph captured afterwards replays that path, and every
+    path's output matches float64."""
+    from torch import nn
+
+    from npo_merge.delta.types import LowRank
+    from npo_merge.guidance import dual_branch
+    from npo_merge.guidance.dual_branch import BranchDelta, dual_branch_module
+
+    x, weight, bias, down, up = _layer(rows, features, features, 64, torch.float16, seed=30)
+    linear = nn.Linear(features, features).to(DEVICE, torch.float16)
+    linear.weight.data.copy_(weight)
+    linear.bias.data.copy_(bias)
+    wrapped = dual_branch_module(linear, BranchDelta(LowRank(down=down, up=up, alpha=64 * SCALE)), 1.0)
+    wrapped.set_backend("auto")
+    assert wrapped.joint_weight is not None
+    x = x.view(2, rows // 2, features)
+    ref = dual_branch_linear_reference(*_float64(x.view(rows, -1), weight, bias, down, up), SCALE, rows // 2)
+    with torch.no_grad():
+        eager = wrapped(x)
+        assert list(wrapped._fastest.values())[0] in ("fused", "joint", "materialize", "lowrank")
+        _assert_branches_close(eager.reshape(rows, -1), ref, rows // 2, 1e-2)
+        paths = wrapped._paths(1, rows // 2)
+        for name, path in paths.items():
+            out = path(x, wrapped.weight, wrapped.bias, wrapped.down, wrapped.up, wrapped.scale)
+            _assert_branches_close(out.reshape(rows, -1), ref, rows // 2, 1e-2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = wrapped(x)
+        captured.fill_(float("nan"))
+        graph.replay()
+    assert len(wrapped._fastest) == 1  # capture reused the eager timing
+    _assert_branches_close(captured.reshape(rows, -1), ref, rows // 2, 1e-2)

@@ -164,6 +164,38 @@ def materialized_linear(
     return y
 
 
+# The joint paths compute the shrink for the cond rows too (r extra outputs over the whole batch), so
+# they serve layers whose outputs outnumber the rank this many times over.
+JOINT_MIN_OUT_PER_RANK = 4
+
+
+def joint_linear(
+    x: torch.Tensor,
+    joint_weight: torch.Tensor,
+    joint_bias: torch.Tensor | None,
+    ups: list[torch.Tensor],
+    scales: list[float],
+    n_uncond: int,
+) -> list[torch.Tensor]:
+    """`lowrank_linear` for m layers that read x, from ONE GEMM with [W_1; ..; W_m; down_1; ..; down_m].
+
+    The shrinks come out as extra output columns (cuBLAS runs one wide GEMM better than thin ones); each
+    expand is accumulated into its layer's uncond rows in place. Returns views of the layers' columns
+    (row stride: all columns), as diffusers' own fused q/k/v projection does. joint_bias: [b_1; ..; 0] or None.
+    """
+    y = F.linear(x, joint_weight, joint_bias)
+    flat = y.view(-1, y.shape[-1])
+    rows = n_uncond * (flat.shape[0] // x.shape[0])
+    outs, col, shrunk = [], 0, sum(up.shape[0] for up in ups)
+    for up, scale in zip(ups, scales):
+        out, rank = up.shape
+        if rows > 0:
+            flat[:rows, col:col + out].addmm_(flat[:rows, shrunk:shrunk + rank], up.t(), alpha=scale)
+        outs.append(y[..., col:col + out])
+        col, shrunk = col + out, shrunk + rank
+    return outs
+
+
 def dense_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, diff: torch.Tensor, n_uncond: int
 ) -> torch.Tensor:
@@ -354,10 +386,12 @@ def group_binder() -> Callable[..., Callable[..., list[torch.Tensor]] | None] | 
 # q/k/v and k/v group at rank 8, and at rank 64 for all but SDXL's q/k/v, which tie (within 3 %).
 # Larger ranks were not measured grouped, so they keep the per-layer paths.
 GROUP_MAX_RANK = 64
-# Above this rank a group whose members would each take `materialized_linear` leaves them to it (SDXL's
-# 64x64 q/k/v, H100 graphs: grouped 1.73x plain at rank 64 against 1.51x materialized one by one; grouped
-# 1.27x at rank 8 against 1.54x).
-GROUP_MATERIALIZE_RANK = 32
+# Above this rank, groups serve members of up to GROUP_HIGH_RANK_MAX_FLOP each; larger ones run alone
+# (H100 graphs, rank 64, benchmarks/group_bench.py: SD1.5's groups 0.70-0.97x plain cuBLAS grouped; SDXL's
+# q/k/v 1.73-1.81x grouped against 1.26-1.63x for one cuBLAS GEMM over all members, layer_bench.py: and
+# about 1.4x for each member on its fastest own path).
+GROUP_HIGH_RANK = 32
+GROUP_HIGH_RANK_MAX_FLOP = 2e9
 
 
 class InputGroup:
@@ -392,9 +426,8 @@ class InputGroup:
         members = self.members
         rows = n_uncond * math.prod(x.shape[1:-1])  # the kernel counts uncond rows of x flattened to 2-D
         first, rank = members[0], members[0].down.shape[0]
-        if rank > GROUP_MATERIALIZE_RANK and prefers_materialized(rows) and not prefers_fused(
-                x.numel() // x.shape[-1], first.in_features, first.out_features, rank, eager=not _capturing(x)):
-            return None  # each member alone, with its own theta_u, is faster
+        if rank > GROUP_HIGH_RANK and 2.0 * x.numel() * first.out_features > GROUP_HIGH_RANK_MAX_FLOP:
+            return None  # each member alone, on its own fastest path, is faster
         return binder(x, [m.weight for m in members], [m.bias for m in members], [m.down for m in members],
                       [m.up for m in members], rows)
 
@@ -442,6 +475,10 @@ class DualBranchLayer(nn.Module):
         object.__setattr__(self, "original", original)
         self.weight = original.weight
         self.register_parameter("bias", original.bias)
+        # [W; down] and [b; 0] (see _join), or None. Kept out of the buffers so that .to() converts W and
+        # down once each (through the Parameter and the buffer) before _apply joins them again.
+        self.joint_weight: torch.Tensor | None = None
+        self.joint_bias: torch.Tensor | None = None
         self.mode: BranchMode = "cfg"
         self.set_mode(mode)
 
@@ -453,7 +490,30 @@ class DualBranchLayer(nn.Module):
 
     def release(self) -> nn.Module:
         """Undo what construction did to the shared weight and hand back the original module."""
+        if self.joint_weight is not None:  # give the Parameters their own storage so the joint one can go
+            self.weight.data = self.weight.data.clone()
+            if self.bias is not None:
+                self.bias.data = self.bias.data.clone()
         return self.original
+
+    def _join(self) -> None:
+        """Store W and down as one tensor [W; down] (the shared Parameter and the `down` buffer become views of
+        it) and the bias as [b; 0], for the joint paths (`joint_linear`, `joint_conv2d`): low-rank layers whose
+        outputs outnumber the rank JOINT_MIN_OUT_PER_RANK times over (the shrink runs on the cond rows too)."""
+        self.joint_weight = self.joint_bias = None
+        if self.strategy != "lowrank" or self.down.shape[0] * JOINT_MIN_OUT_PER_RANK > self.weight.shape[0]:
+            return
+        weight, bias, out, rank = self.weight, self.bias, self.weight.shape[0], self.down.shape[0]
+        joint = torch.cat([weight.detach(), self.down])
+        weight.data, self.down, self.joint_weight = joint[:out], joint[out:], joint
+        if bias is not None:
+            joint_bias = torch.cat([bias.detach(), bias.new_zeros(rank)])
+            bias.data, self.joint_bias = joint_bias[:out], joint_bias
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        module = super()._apply(fn, recurse)  # converts W (the Parameter) and down apart: join them again
+        self._join()
+        return module
 
     def extra_bytes(self) -> int:
         """Bytes held for the branch difference (buffers this module adds on top of the original)."""
@@ -468,20 +528,30 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _fastest_on_gpu(calls: list[Callable[[], object]], reps: int = 3) -> int:
-    """Index of the call that takes the least time on the current CUDA stream (events, one warm-up run each)."""
-    events = []
+def _fastest_on_gpu(calls: list[Callable[[], object]], reps: int = 5) -> int:
+    """Index of the call that takes the least GPU time on the current CUDA stream.
+
+    Each call runs once to warm up (kernel compilation, library heuristics); then, for each, the GPU is kept
+    busy while the host queues `reps` calls, so the events measure the kernels back to back, as a CUDA
+    graph replays them, and not the host's launch time.
+    """
     for call in calls:
         call()
+    events = []
+    for call in calls:
+        torch.cuda._sleep(_QUEUE_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
             call()
         end.record()
         events.append((start, end))
-    end.synchronize()
+    events[-1][1].synchronize()
     times = [start.elapsed_time(end) for start, end in events]
     return times.index(min(times))
+
+
+_QUEUE_CYCLES = 2_000_000  # ~1 ms of GPU clock: longer than the host takes to queue the timed calls
 
 
 def _work_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -545,6 +615,9 @@ class DualBranchLinear(DualBranchLayer):
                 self.stacked_bias = torch.stack([bias_u, bias_c])
         else:
             raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
+        self._join()
+        # Per (shape, dtype, device, uncond rows): the path with the least GPU time, timed at the first eager call.
+        self._fastest: dict[tuple, str] = {}
 
     def set_backend(self, backend: Backend) -> None:
         """Pick the implementation of the 'lowrank' strategy: 'torch', the 'fused' kernel op for every
@@ -563,6 +636,7 @@ class DualBranchLinear(DualBranchLayer):
 
     def _forget_routes(self) -> None:
         self._routes.clear()
+        self._fastest.clear()
         if self.group is not None:
             self.group.clear()
 
@@ -570,7 +644,7 @@ class DualBranchLinear(DualBranchLayer):
         if self.strategy == "stacked":
             # Give the Parameter its own storage again so the stack can be freed.
             self.weight.data = self.weight.data.clone()
-        return self.original
+        return super().release()
 
     def _takes_fused(self, x: torch.Tensor, rank: int) -> bool:
         """Whether this call goes to the fused op: always with backend 'fused'; with 'auto' where the shape
@@ -586,42 +660,71 @@ class DualBranchLinear(DualBranchLayer):
 
     def _fused_lowrank(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                        up: torch.Tensor, n_uncond: int) -> torch.Tensor:
-        """Backends 'fused' and 'auto'. In eager inference the path for an input shape is decided once and
-        bound (`fused_binder`): later calls of that shape skip the dispatch checks, which cost more host
-        time than the kernel takes on the GPU. With 'auto', a layer in an `InputGroup` first asks the
-        group for its output. Under torch.compile or with autograd, every call decides."""
+        """Backends 'fused' and 'auto'. In inference the path for an input shape is decided once and bound
+        (`_bind_route`): later calls of that shape skip the dispatch checks, which cost more host time than
+        the kernels take on the GPU. With 'auto', a layer in an `InputGroup` first asks the group for its
+        output. Under torch.compile or with autograd, every call decides between the fused op and torch."""
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)
         )
-        key = None
-        if not (needs_graph or torch.compiler.is_compiling()):
-            if self.group is not None and self.backend == "auto":
-                y = self.group.output(self, x, n_uncond)
-                if y is not None:
-                    return y
-            key = (x.shape, x.dtype, x.get_device(), n_uncond, _capturing(x))
-            route = self._routes.get(key)
-            if route is not None:
-                return route(x, weight, bias, down, up, self.scale)
-        fused, scale = self.fused, self.scale
-        assert fused is not None
-        if self._takes_fused(x, down.shape[0]):
-            rows = n_uncond * math.prod(x.shape[1:-1])  # the op counts rows of x flattened to 2-D
-            y = fused(x, weight, bias, down, up, scale, rows)
-            binder = fused_binder() if key is not None else None
-            bound = binder(x, weight, bias, down, up, rows) if binder is not None else None
-            route = bound or (lambda x, w, b, d, u, s: fused(x, w, b, d, u, s, rows))
+        if needs_graph or torch.compiler.is_compiling():
+            if self._takes_fused(x, down.shape[0]):
+                return self.fused(x, weight, bias, down, up, self.scale, n_uncond * math.prod(x.shape[1:-1]))
+            return lowrank_linear(x, weight, bias, down, up, self.scale, n_uncond)
+        if self.group is not None and self.backend == "auto":
+            y = self.group.output(self, x, n_uncond)
+            if y is not None:
+                return y
+        key = (x.shape, x.dtype, x.get_device(), n_uncond, _capturing(x))
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = self._bind_route(x, weight, bias, down, up, n_uncond, key)
+        return route(x, weight, bias, down, up, self.scale)
+
+    def _paths(self, n_uncond: int, rows: int) -> dict[str, Callable[..., torch.Tensor]]:
+        """Every path that can serve a call with these uncond rows, as (x, w, b, down, up, scale) -> y."""
+        fused = self.fused
+        paths = {"fused": lambda x, w, b, d, u, s: fused(x, w, b, d, u, s, rows),
+                 "lowrank": lambda x, w, b, d, u, s: lowrank_linear(x, w, b, d, u, s, n_uncond),
+                 "materialize": lambda x, w, b, d, u, s: materialized_linear(x, w, b, d, u, s, n_uncond)}
+        joint_weight, joint_bias = self.joint_weight, self.joint_bias
+        if joint_weight is not None:
+            paths["joint"] = lambda x, w, b, d, u, s: joint_linear(x, joint_weight, joint_bias, [u], [s], n_uncond)[0]
+        return paths
+
+    def _bind_route(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                    up: torch.Tensor, n_uncond: int, key: tuple) -> Callable[..., torch.Tensor]:
+        """The path for calls like this one. Backend 'fused': the fused op. 'auto': where the host is the
+        bottleneck (an eager call the eager rule of `prefers_fused` gives to the fused op), the fused op;
+        otherwise the path with the least GPU time, timed on the first eager call of the shape (so a CUDA
+        graph captured after eager warm-up steps gets it too); the `prefers_*` rules where nothing was timed."""
+        rows = n_uncond * math.prod(x.shape[1:-1])  # the fused op counts uncond rows of x flattened to 2-D
+        paths = self._paths(n_uncond, rows)
+        capturing, shape = key[-1], key[:-1]
+        total_rows, rank = x.numel() // x.shape[-1], down.shape[0]
+        if self.backend == "auto" and not capturing and x.is_cuda and shape not in self._fastest:
+            names = list(paths)
+            calls = [lambda p=paths[n]: p(x, weight, bias, down, up, self.scale) for n in names]
+            self._fastest[shape] = names[_fastest_on_gpu(calls)]
+        if self.backend == "fused" or (not capturing and prefers_fused(total_rows, self.in_features, self.out_features,
+                                                                        rank, eager=True)):
+            name = "fused"
         else:
-            path = lowrank_linear
-            # key is None under autograd (materialized_linear writes through out=) and torch.compile
-            if key is not None and self.backend == "auto" and prefers_materialized(n_uncond * math.prod(x.shape[1:-1])):
-                path = materialized_linear
-            y = path(x, weight, bias, down, up, scale, n_uncond)
-            route = lambda x, w, b, d, u, s: path(x, w, b, d, u, s, n_uncond)  # noqa: E731
-        if key is not None:
-            self._routes[key] = route
-        return y
+            name = self._fastest.get(shape) or self._rule_path(total_rows, rows, rank)
+        if name == "fused":
+            binder = fused_binder()
+            bound = binder(x, weight, bias, down, up, rows) if binder is not None else None
+            return bound or paths["fused"]
+        return paths[name]
+
+    def _rule_path(self, total_rows: int, uncond_rows: int, rank: int) -> str:
+        """The path for a call no timing decided (CUDA-graph capture without an eager call first)."""
+        if prefers_fused(total_rows, self.in_features, self.out_features, rank, eager=False):
+            return "fused"
+        if prefers_materialized(uncond_rows):
+            return "materialize"
+        return "lowrank" if self.joint_weight is None else "joint"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager sampling is host-bound, so this runs once per layer per step with as little Python as it
@@ -647,11 +750,6 @@ class DualBranchLinear(DualBranchLayer):
         if bias_diff is not None and n_uncond > 0:
             y[:n_uncond].add_(bias_diff)
         return y
-
-
-# `joint_conv2d` computes the shrink for the cond samples too (r extra output channels over the whole
-# batch), so it serves layers whose output channels outnumber the rank this many times over.
-JOINT_MIN_OUT_PER_RANK = 4
 
 
 class DualBranchConv2d(DualBranchLayer):
@@ -696,31 +794,13 @@ class DualBranchConv2d(DualBranchLayer):
             self.diff = (delta.dense_weight(weight.shape, _work_dtype(weight)) * eta).to(**like)
         else:
             raise InputError(f"unknown strategy {strategy!r}: use one of lowrank, dense, stacked")
-        # [W; down] and [b; 0] for `joint_conv2d`, or None. W and down are views of joint_weight (kept
-        # out of the buffers so that .to() converts them once, through the Parameter and `down`).
-        self.joint_weight: torch.Tensor | None = None
-        self.joint_bias: torch.Tensor | None = None
         self._join()
         # Per input signature, whether `joint_conv2d` was the faster path when timed on the GPU (see _takes_joint).
         self._joint_faster: dict[tuple, bool] = {}
 
-    def _join(self) -> None:
-        """Store W and down as one tensor [W; down] (the shared Parameter and the buffer become views of it)
-        where `joint_conv2d` serves the layer: low-rank, and rank small beside the output channels."""
-        if self.strategy != "lowrank" or self.down.shape[0] * JOINT_MIN_OUT_PER_RANK > self.out_channels:
-            return
-        weight, bias, out, rank = self.weight, self.bias, self.out_channels, self.down.shape[0]
-        joint = torch.cat([weight.detach(), self.down])
-        weight.data, self.down, self.joint_weight = joint[:out], joint[out:], joint
-        if bias is not None:
-            joint_bias = torch.cat([bias.detach(), bias.new_zeros(rank)])
-            bias.data, self.joint_bias = joint_bias[:out], joint_bias
-
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        module = super()._apply(fn, recurse)  # converts W (the Parameter) and down apart: join them again
-        self._join()
         self._joint_faster.clear()
-        return module
+        return super()._apply(fn, recurse)
 
     def _takes_joint(self, x: torch.Tensor, n_uncond: int) -> bool:
         """Whether `joint_conv2d` serves this call. cuDNN's speed on the widened kernel depends on the shape
@@ -742,13 +822,6 @@ class DualBranchConv2d(DualBranchLayer):
                 lambda: lowrank_conv2d(x, self.weight, self.bias, self._buffers["down"], up, scale, n_uncond, *conv),
             ])
         return faster
-
-    def release(self) -> nn.Module:
-        if self.joint_weight is not None:  # give the Parameters their own storage so the joint one can go
-            self.weight.data = self.weight.data.clone()
-            if self.bias is not None:
-                self.bias.data = self.bias.data.clone()
-        return self.original
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_uncond = uncond_rows(x.shape[0], self.mode)
