@@ -528,27 +528,33 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _fastest_on_gpu(calls: list[Callable[[], object]], reps: int = 5) -> int:
+def _fastest_on_gpu(calls: list[Callable[[], object]], reps: int = 5, rounds: int = 2) -> int:
     """Index of the call that takes the least GPU time on the current CUDA stream.
 
     Each call runs once to warm up (kernel compilation, library heuristics); then, for each, the GPU is kept
     busy while the host queues `reps` calls, so the events measure the kernels back to back, as a CUDA
-    graph replays them, and not the host's launch time.
+    graph replays them, and not the host's launch time. Rounds alternate the order (whichever runs first
+    in a round can meet a GPU still raising its clocks) and each call keeps its best round.
     """
     for call in calls:
         call()
-    events = []
-    for call in calls:
-        torch.cuda._sleep(_QUEUE_CYCLES)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            call()
-        end.record()
-        events.append((start, end))
-    events[-1][1].synchronize()
-    times = [start.elapsed_time(end) for start, end in events]
-    return times.index(min(times))
+    best = [math.inf] * len(calls)
+    order = list(range(len(calls)))
+    for _ in range(rounds):
+        events = []
+        for index in order:
+            torch.cuda._sleep(_QUEUE_CYCLES)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                calls[index]()
+            end.record()
+            events.append((index, start, end))
+        events[-1][2].synchronize()
+        for index, start, end in events:
+            best[index] = min(best[index], start.elapsed_time(end))
+        order.reverse()
+    return best.index(min(best))
 
 
 _QUEUE_CYCLES = 2_000_000  # ~1 ms of GPU clock: longer than the host takes to queue the timed calls
