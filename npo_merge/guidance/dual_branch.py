@@ -14,12 +14,16 @@ and replay inside CUDA graphs.
 
 Strategies for the difference (chosen per module, see `dual_branch_module`):
 - "lowrank": shrink (x_u @ down^T) and expand accumulated in place into the output view (addmm_).
+             On CUDA (backend "auto") each layer picks, per input shape, the fastest of: the fused
+             Triton kernel, a "joint" GEMM/convolution over [W; down] (the layer stores W and down
+             as one tensor), a per-call theta_u (`materialized_linear`) and the shrink/expand pair.
 - "dense":   a full-rank difference applied to the uncond half (e.g. beta != 0 without compression).
 - "stacked": linear layers only; weights [W_u; W_c] stacked as (2, out, in), one batched GEMM over
              the two halves. Same FLOPs as plain CFG but a second copy of the covered weights.
 
-The math lives in the pure functions (`lowrank_linear`, `lowrank_conv2d`, `dense_linear`,
-`dense_conv2d`, `stacked_linear`); the modules only hold tensors and pick `n_uncond`.
+The math lives in the pure functions (`lowrank_linear`, `joint_linear`, `materialized_linear`,
+`lowrank_conv2d`, `joint_conv2d`, `dense_linear`, `dense_conv2d`, `stacked_linear`); the modules hold
+tensors, pick `n_uncond` and choose among the paths.
 """
 
 from __future__ import annotations
