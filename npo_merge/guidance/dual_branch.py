@@ -355,10 +355,10 @@ def prefers_fused(rows: int, in_features: int, out_features: int, rank: int, *, 
     return flop <= FUSED_MAX_FLOP or (in_features <= 320 and rank <= 32)
 
 
-# Where the per-call theta_u (`materialized_linear`) beats the shrink/expand pair on an H100
-# (benchmarks/layer_bench.py, 2026-11-26): its cost (one small GEMM and a weight-sized write) does not grow
-# with the rows, while the pair's does; from 4096 uncond rows (the 64x64 layers of a batch-1 SDXL or the
-# 64x64 layers of SD1.5) it is ahead at ranks 8 and 64.
+# For calls no timing decided: where the per-call theta_u (`materialized_linear`) beats the shrink/expand
+# pair on an H100 (benchmarks/layer_bench.py, 2026-11-26). Its cost (one small GEMM and a weight-sized
+# write) does not grow with the rows, while the pair's does; from 4096 uncond rows (64x64 latents, batch 1)
+# it is ahead at ranks 8 and 64.
 MATERIALIZE_MIN_ROWS = 4096
 
 
@@ -387,13 +387,13 @@ def group_binder() -> Callable[..., Callable[..., list[torch.Tensor]] | None] | 
 
 # Grouped launches recompute each member's shrink in every column tile (as the fused kernel does).
 # H100, CUDA graphs (benchmarks/group_bench.py): faster than the per-layer paths for every SD1.5/SDXL
-# q/k/v and k/v group at rank 8, and at rank 64 for all but SDXL's q/k/v, which tie (within 3 %).
+# q/k/v and k/v group at rank 8, and at rank 64 for SD1.5's groups and SDXL's k/v (see GROUP_HIGH_RANK).
 # Larger ranks were not measured grouped, so they keep the per-layer paths.
 GROUP_MAX_RANK = 64
-# Above this rank, groups serve members of up to GROUP_HIGH_RANK_MAX_FLOP each; larger ones run alone
-# (H100 graphs, rank 64, benchmarks/group_bench.py: SD1.5's groups 0.70-0.97x plain cuBLAS grouped; SDXL's
-# q/k/v 1.73-1.81x grouped against 1.26-1.63x for one cuBLAS GEMM over all members, layer_bench.py: and
-# about 1.4x for each member on its fastest own path).
+# Above this rank, groups serve members of up to GROUP_HIGH_RANK_MAX_FLOP each, and larger ones run alone.
+# H100, CUDA graphs, rank 64: SD1.5's groups run 0.70-0.97x plain cuBLAS grouped (group_bench.py); SDXL's
+# q/k/v run 1.73-1.81x grouped, against about 1.3-1.5x for each member on its fastest own path
+# (layer_bench.py).
 GROUP_HIGH_RANK = 32
 GROUP_HIGH_RANK_MAX_FLOP = 2e9
 
