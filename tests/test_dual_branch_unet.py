@@ -117,6 +117,29 @@ def test_attention_projections_grouped_by_shared_input(cases, arch, monkeypatch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("path", ["joint_linear", "materialized_linear"])
+def test_joint_and_materialized_paths_through_the_unet(cases, arch, path, monkeypatch):
+    """Linear layers on the joint GEMM (outputs are strided views of a wider buffer, fed on to diffusers'
+    attention, feed-forward and projections) or on a per-call theta_u give the two-UNet result."""
+    from npo_merge.guidance import dual_branch
+
+    unet, deltas, inputs, reference, _ = cases[arch, "all"]
+    monkeypatch.setattr(dual_branch, "fused_entry", lambda: lambda *args: pytest.fail("the fused op was called"))
+    monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager: False)
+    monkeypatch.setattr(dual_branch, "MATERIALIZE_MIN_ROWS", 1 if path == "materialized_linear" else 10**9)
+    calls = []
+    real = getattr(dual_branch, path)
+    monkeypatch.setattr(dual_branch, path, lambda *a: calls.append(1) or real(*a))
+    with enable_npo(unet, deltas, mode="cfg", backend="torch", group_inputs=False) as handle:
+        for module in handle.modules.values():
+            if hasattr(module, "set_backend"):
+                module.set_backend("auto")
+        joined = sum(m.joint_weight is not None for m in handle.modules.values() if hasattr(m, "set_backend"))
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+    assert joined > 10 and len(calls) >= (joined if path == "joint_linear" else 10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_modes_cond_and_uncond(cases, arch):
     unet, deltas, inputs, _, plain = cases[arch, "all"]
     with torch.no_grad():
