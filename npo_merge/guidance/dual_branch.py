@@ -532,32 +532,35 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _fastest_on_gpu(calls: list[Callable[[], object]], reps: int = 5, rounds: int = 2) -> int:
-    """Index of the call that takes the least GPU time on the current CUDA stream.
+def _fastest_on_gpu(calls: list[Callable[[], object]], device: torch.device, reps: int = 5, rounds: int = 2) -> int:
+    """Index of the call that takes the least GPU time on `device`'s current stream.
 
     Each call runs once to warm up (kernel compilation, library heuristics); then, for each, the GPU is kept
     busy while the host queues `reps` calls, so the events measure the kernels back to back, as a CUDA
     graph replays them, and not the host's launch time. Rounds alternate the order (whichever runs first
     in a round can meet a GPU still raising its clocks) and each call keeps its best round.
     """
-    for call in calls:
-        call()
+    keep_busy = getattr(torch.cuda, "_sleep", None)  # private torch API: without it, time what the host queues
     best = [math.inf] * len(calls)
     order = list(range(len(calls)))
-    for _ in range(rounds):
-        events = []
-        for index in order:
-            torch.cuda._sleep(_QUEUE_CYCLES)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                calls[index]()
-            end.record()
-            events.append((index, start, end))
-        events[-1][2].synchronize()
-        for index, start, end in events:
-            best[index] = min(best[index], start.elapsed_time(end))
-        order.reverse()
+    with torch.cuda.device(device):
+        for call in calls:
+            call()
+        for _ in range(rounds):
+            events = []
+            for index in order:
+                if keep_busy is not None:
+                    keep_busy(_QUEUE_CYCLES)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    calls[index]()
+                end.record()
+                events.append((index, start, end))
+            events[-1][2].synchronize()
+            for index, start, end in events:
+                best[index] = min(best[index], start.elapsed_time(end))
+            order.reverse()
     return best.index(min(best))
 
 
@@ -716,7 +719,7 @@ class DualBranchLinear(DualBranchLayer):
         if self.backend == "auto" and not capturing and x.is_cuda and shape not in self._fastest:
             names = list(paths)
             calls = [lambda p=paths[n]: p(x, weight, bias, down, up, self.scale) for n in names]
-            self._fastest[shape] = names[_fastest_on_gpu(calls)]
+            self._fastest[shape] = names[_fastest_on_gpu(calls, x.device)]
         if self.backend == "fused" or (not capturing and prefers_fused(total_rows, self.in_features, self.out_features,
                                                                         rank, eager=True)):
             name = "fused"
@@ -830,7 +833,7 @@ class DualBranchConv2d(DualBranchLayer):
             faster = self._joint_faster[key] = 0 == _fastest_on_gpu([
                 lambda: joint_conv2d(x, self.joint_weight, self.joint_bias, up, scale, n_uncond, *conv),
                 lambda: lowrank_conv2d(x, self.weight, self.bias, self._buffers["down"], up, scale, n_uncond, *conv),
-            ])
+            ], x.device)
         return faster
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
