@@ -41,15 +41,14 @@ from npo_merge.guidance.install import enable_npo  # noqa: E402
 def _paths(layer: db.DualBranchLayer, x: torch.Tensor) -> dict:
     n = db.uncond_rows(x.shape[0], layer.mode)
     w, b, d, u, s = layer.weight, layer.bias, layer.down, layer.up, layer.scale
+    # Built here rather than taken from the layer: layers too narrow for the joint layout are timed on it too.
+    joint = torch.cat([w, d])
+    joint_bias = None if b is None else torch.cat([b, b.new_zeros(d.shape[0])])
     if isinstance(layer, db.DualBranchConv2d):
         conv = (layer.stride, layer.padding, layer.dilation)
-        joint = torch.cat([w, d])
-        joint_bias = None if b is None else torch.cat([b, b.new_zeros(d.shape[0])])
         paths = {"lowrank": lambda: db.lowrank_conv2d(x, w, b, d, u, s, n, *conv),
                  "joint": lambda: db.joint_conv2d(x, joint, joint_bias, u, s, n, *conv)}
     else:
-        joint = torch.cat([w, d])
-        joint_bias = None if b is None else torch.cat([b, b.new_zeros(d.shape[0])])
         paths = {"lowrank": lambda: db.lowrank_linear(x, w, b, d, u, s, n),
                  "joint": lambda: db.joint_linear(x, joint, joint_bias, [u], [s], n)[0],
                  "materialize": lambda: db.materialized_linear(x, w, b, d, u, s, n)}
