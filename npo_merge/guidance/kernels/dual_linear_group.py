@@ -11,6 +11,8 @@ Members must agree on shape, rank and dtype, with contiguous tensors (`GroupLaun
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -131,9 +133,7 @@ class GroupLaunch:
         # Without a bias the kernel never reads its bias pointers: the weights stand in.
         self._rest = (*(biases if has_bias else weights), *[biases[0] if has_bias else weights[0]] * pad,
                       *downs, *[downs[0]] * pad, *ups, *[ups[0]] * pad)
-        self._static_aligned = _aligned(*self._weights, *self._rest)
         self._out_shape = (*x.shape[:-1], out_features)
-        self._like = {"dtype": x.dtype, "device": x.device}
         self._sizes = (m, out_features, in_features, rank, n_uncond)
         self._grid = (triton.cdiv(m, cfg.block_m) * members * triton.cdiv(out_features, cfg.block_n),)
         self._constants = dict(
@@ -150,25 +150,28 @@ class GroupLaunch:
                  outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Each member's output for x (of the bound shape, contiguous), the update scaled by ``scales``.
 
-        ``outs``: contiguous tensors of the output shape to write into (tests poison them)."""
-        if outs is None:  # fresh allocations: aligned
-            outs = [torch.empty(self._out_shape, **self._like) for _ in range(self._members)]
-            aligned = self._static_aligned and x.data_ptr() % 16 == 0
+        ``outs``: contiguous tensors of the output shape to write into (tests poison them). Without them,
+        the members' outputs are views of one allocation (one allocator call instead of one per member)."""
+        if outs is None:
+            outs = list(x.new_empty((self._members, *self._out_shape)).unbind(0))
         elif len(outs) != self._members or any(o.shape != self._out_shape or not o.is_contiguous() for o in outs):
             raise ValueError(f"outs must be {self._members} contiguous tensors of shape {tuple(self._out_shape)}")
         else:
             outs = list(outs)
-            aligned = self._static_aligned and _aligned(x, *outs)
         if self._sizes[0] == 0:
             return outs
         pad = self._pad
-        args = (x, *self._weights, *self._rest, *outs, *[outs[0]] * pad, *self._sizes,
-                *scales, *[scales[0]] * pad, self._sizes[2])
-        if self._direct is not None and aligned and not _launch_hooks():
-            self._direct(_current_stream(), *args, *self._constexprs)
-            return outs
-        compiled = _dual_linear_group_kernel[self._grid](*args, **self._constants, **self._launch_options)
-        if aligned and self._direct is None and dual_linear_triton._DIRECT_LAUNCH:
+        tensors = (x, *self._weights, *self._rest, *outs, *[outs[0]] * pad)
+        sizes = (*self._sizes, *scales, *[scales[0]] * pad, self._sizes[2])
+        if self._direct is not None:
+            # Pointers as integers: the launcher takes them as they are, where for a tensor it calls
+            # data_ptr() and asks the driver about the pointer (about 0.25 us each, 16 per launch).
+            pointers = [t.data_ptr() for t in tensors]
+            if not functools.reduce(operator.or_, pointers) % 16 and not _launch_hooks():
+                self._direct(_current_stream(), *pointers, *sizes, *self._constexprs)
+                return outs
+        compiled = _dual_linear_group_kernel[self._grid](*tensors, *sizes, **self._constants, **self._launch_options)
+        if self._direct is None and dual_linear_triton._DIRECT_LAUNCH and _aligned(*tensors):
             self._direct = _direct_launcher(compiled, self._grid[0])
         return outs
 

@@ -328,7 +328,6 @@ class BoundLaunch:
                  variant: _Variant, direct: Callable[..., None], fallback: Callable[..., torch.Tensor]):
         out_features, in_features = weight.shape
         self._out_shape = (*x.shape[:-1], out_features)
-        self._like = {"dtype": x.dtype, "device": x.device}
         self._sizes = (x.numel() // in_features, out_features, in_features, down.shape[0], n_uncond)
         self._constexprs = variant.constexprs
         self._direct = direct
@@ -336,13 +335,17 @@ class BoundLaunch:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                  up: torch.Tensor, scale: float) -> torch.Tensor:
-        aligned = _aligned(x, weight, down, up) if bias is None else _aligned(x, weight, bias, down, up)
-        if not (aligned and x.is_contiguous()) or _launch_hooks():
+        # Pointers as integers: the launcher takes them as they are (for a tensor it calls data_ptr() and
+        # asks the driver about the pointer), and they are needed for the alignment check anyway.
+        xp, wp, dp, up_p = x.data_ptr(), weight.data_ptr(), down.data_ptr(), up.data_ptr()
+        bp = wp if bias is None else bias.data_ptr()  # without a bias the kernel never reads the pointer
+        if (xp | wp | bp | dp | up_p) % 16 or not x.is_contiguous() or _launch_hooks():
             return self._fallback(x, weight, bias, down, up, scale, self._sizes[4])
-        out = torch.empty(self._out_shape, **self._like)
+        out = x.new_empty(self._out_shape)
+        op = out.data_ptr()
         m, n, k, rank, n_uncond = self._sizes
-        self._direct(_current_stream(), x, weight, out if bias is None else bias, down, up, out, out,
-                     m, n, k, rank, n_uncond, scale, k, k, *self._constexprs)
+        self._direct(_current_stream(), xp, wp, bp, dp, up_p, op, op, m, n, k, rank, n_uncond, scale, k, k,
+                     *self._constexprs)
         return out
 
 
