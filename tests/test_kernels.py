@@ -204,15 +204,58 @@ def test_triton_group_kernel_matches_float64(members, rank, dtype):
 
 
 @needs_triton
-def test_triton_group_refuses_members_that_do_not_fit():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("members", "rank"), [(4, 8), (7, 64)])
+def test_triton_table_kernel_matches_float64(members, rank, dtype):
+    """More members than a group launch takes (every cross-attention's k/v): addresses from a device table,
+    outputs back to back in one allocation, each member with its own weights, factors and scale."""
     from npo_merge.guidance.kernels.dual_linear_group import launch_group
+
+    rows, k, n = 70, 40, 40
+    for seed, (n_uncond, bias) in enumerate([(35, True), (45, False), (0, True)]):
+        layers = [_layer(rows, k, n, rank, dtype, seed=10 * seed + i, bias=bias) for i in range(members)]
+        x = layers[0][0].view(2, rows // 2, k)
+        scales = [SCALE * (i + 1) * (-1) ** i for i in range(members)]
+        got = launch_group(x, [lay[1] for lay in layers], [lay[2] for lay in layers], [lay[3] for lay in layers],
+                           [lay[4] for lay in layers], scales, n_uncond, config=SMALL)
+        assert len(got) == members
+        for (_, weight, b, down, up), scale, out in zip(layers, scales, got):
+            ref = dual_branch_linear_reference(*_float64(x, weight, b, down, up), scale, n_uncond)
+            _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+
+
+@needs_triton
+def test_table_launch_follows_new_scales_and_moved_weights():
+    """A bound table launch re-reads addresses and scales each call: a new scale or a weight given new storage
+    takes effect at the next call."""
+    from npo_merge.guidance.kernels.dual_linear_group import TableLaunch
+
+    layers = [_layer(16, 16, 16, 4, torch.float32, seed=i) for i in range(4)]
+    x = layers[0][0]
+    tensors = [[lay[j] for lay in layers] for j in (1, 2, 3, 4)]
+    launch = TableLaunch(x, *tensors, 8, SMALL)
+    scales = [1.0, 2.0, 3.0, 4.0]
+    launch(x, scales)
+    tensors[0][2].data = tensors[0][2].data * 2  # new storage for member 2's weight
+    scales[1] = -1.0
+    got = launch(x, scales)
+    for i, (weight, bias, down, up) in enumerate(zip(*tensors)):
+        ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), scales[i], 8)
+        _assert_branches_close(got[i], ref, 8, TOLERANCE[torch.float32])
+
+
+@needs_triton
+def test_triton_group_refuses_members_that_do_not_fit():
+    from npo_merge.guidance.kernels.dual_linear_group import GroupLaunch, TableLaunch, launch_group
 
     x, weight, bias, down, up = _layer(8, 16, 16, 4, torch.float32, seed=0)
     other = _layer(8, 16, 32, 4, torch.float32, seed=1)
     with pytest.raises(ValueError, match="share shape"):
         launch_group(x, [weight, other[1]], [bias, other[2]], [down, other[3]], [up, other[4]], [1.0, 1.0], 4)
+    with pytest.raises(ValueError, match="share shape"):
+        TableLaunch(x, [weight] * 3 + [other[1]], [bias] * 3 + [other[2]], [down] * 4, [up] * 3 + [other[4]], 4)
     with pytest.raises(ValueError, match="1 to 3 members"):
-        launch_group(x, [weight] * 4, [bias] * 4, [down] * 4, [up] * 4, [1.0] * 4, 4)
+        GroupLaunch(x, [weight] * 4, [bias] * 4, [down] * 4, [up] * 4, 4)
 
 
 @needs_triton
@@ -476,6 +519,34 @@ def test_group_launch_goes_direct_after_the_first_call_and_replays_in_a_cuda_gra
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = launch(x, scales)
+    for out in captured:
+        out.fill_(float("nan"))
+    graph.replay()
+    assert all(torch.equal(a, b) for a, b in zip(captured, first))
+
+
+@needs_cuda
+def test_table_launch_goes_direct_and_replays_in_a_cuda_graph():
+    """Every SDXL-like cross-attention k/v in one launch: the second call starts the compiled kernel directly,
+    bit for bit the first call; a capture replays it; a capture that would need new tables gets None."""
+    from npo_merge.guidance.kernels.dual_linear_group import TableLaunch
+
+    layers = [_layer(2 * 77, 2048, 1280, 8, torch.float16, seed=40 + i) for i in range(6)]
+    x = layers[0][0]
+    tensors = [[lay[j] for lay in layers] for j in (1, 2, 3, 4)]
+    scales = [SCALE, 0.5, -1.0, 1.0, 2.0, -0.25]
+    launch = TableLaunch(x, *tensors, 77)
+    first = launch(x, scales)
+    assert launch._direct is not None
+    assert all(torch.equal(a, b) for a, b in zip(launch(x, scales), first))
+    for out, weight, bias, down, up, scale in zip(first, *tensors, scales):
+        ref = dual_branch_linear_reference(*_float64(x, weight, bias, down, up), scale, 77)
+        _assert_branches_close(out, ref, 77, 1e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = launch(x, scales)
+        refused = launch(x, [2.0 * s for s in scales])
+    assert refused is None
     for out in captured:
         out.fill_(float("nan"))
     graph.replay()

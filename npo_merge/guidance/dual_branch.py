@@ -399,7 +399,8 @@ GROUP_HIGH_RANK_MAX_FLOP = 2e9
 
 
 class InputGroup:
-    """Low-rank dual-branch linears that read the same input: attention's q/k/v, or cross-attention's k/v.
+    """Low-rank dual-branch linears that read the same input: attention's q/k/v, or the k/v of every
+    cross-attention of one width (they all read the text states).
 
     Where the kernels package serves the call, the first member called with an input computes every
     member's output in one launch; each other member called with that very tensor (same object, not
@@ -413,7 +414,7 @@ class InputGroup:
         self.members = members
         self._index = {id(member): i for i, member in enumerate(members)}
         self._runners: dict[tuple, Callable[..., list[torch.Tensor]] | None] = {}
-        self._source: tuple | None = None  # (input, n_uncond, version) the pending outputs were computed from
+        self._source: tuple | None = None  # (input, n_uncond, (version, capturing)) of the pending outputs
         self._pending: dict[int, torch.Tensor] = {}
         for member in members:
             member.group = self
@@ -438,7 +439,9 @@ class InputGroup:
     def output(self, member: DualBranchLinear, x: torch.Tensor, n_uncond: int) -> torch.Tensor | None:
         """This member's output for x, computed with its siblings' in one launch; None where no kernel serves it."""
         index = self._index[id(member)]
-        version = -1 if x.is_inference() else x._version
+        # An output computed eagerly is never handed over inside a CUDA graph capture (the graph would miss
+        # its computation), nor the reverse.
+        version = (-1 if x.is_inference() else x._version, _capturing(x))
         if self._source is not None and self._source[0] is x and self._source[1:] == (n_uncond, version):
             y = self._pending.pop(index, None)
             if y is not None:
@@ -452,6 +455,8 @@ class InputGroup:
         if runner is None:
             return None
         outs = runner(x, [m.scale for m in self.members])
+        if outs is None:  # the launch cannot serve this call (see TableLaunch)
+            return None
         self._source = (x, n_uncond, version)
         self._pending = {i: out for i, out in enumerate(outs) if i != index}
         return outs[index]

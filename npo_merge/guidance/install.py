@@ -101,8 +101,8 @@ def enable_npo(
     backend: for low-rank linear layers, "fused" uses torch.ops.npo_merge.dual_branch_linear for every
         call; "auto" (on CUDA, when the op is there) uses it only where `prefers_fused` says it beats
         cuBLAS plus the torch update for the call's shape; "torch" never uses it.
-    group_inputs: with backend "auto", serve the projections of one attention that read the same input
-        (q/k/v, cross-attention's k/v) with one grouped launch (`group_shared_inputs`).
+    group_inputs: with backend "auto", serve projections that read the same input with one grouped launch
+        (each self-attention's q/k/v; all cross-attention k/v of one width; `group_shared_inputs`).
     Raises CompatibilityError naming every key that has no matching layer or the wrong shape.
     """
     pipeline, unet = _split_pipeline(pipe_or_unet)
@@ -260,29 +260,30 @@ def _listing(keys: list[str]) -> str:
 
 
 def group_shared_inputs(unet: nn.Module) -> int:
-    """Group the dual-branch projections of each attention module that read one input (see `InputGroup`).
+    """Group the dual-branch projections that read one input (see `InputGroup`); returns the number of groups.
 
-    Self-attention's to_q/to_k/to_v all read the hidden states; cross-attention's to_k/to_v read the text
-    states. Members must be low-rank layers on backend "auto" with one shape, rank and dtype, at ranks up
-    to GROUP_MAX_RANK. Returns the number of groups formed.
+    Self-attention's to_q/to_k/to_v read the hidden states: one group per attention. Every cross-attention's
+    to_k/to_v read the text states, which a diffusers UNet hands unchanged to each of its blocks: one group
+    per projection shape across the whole UNet, one launch a step. Members must be low-rank layers on
+    backend "auto" with one shape, rank and dtype, at ranks up to GROUP_MAX_RANK.
     """
-    groups = 0
+    groupable = {id(m) for m in unet.modules() if isinstance(m, DualBranchLinear) and m.strategy == "lowrank"
+                 and m.backend == "auto" and m.group is None and m.down.shape[0] <= GROUP_MAX_RANK}
+    candidates: dict[tuple, list[DualBranchLinear]] = {}
     for attention in unet.modules():
         if not all(hasattr(attention, name) for name in ("to_q", "to_k", "to_v", "is_cross_attention")):
             continue
         names = ("to_k", "to_v") if attention.is_cross_attention else ("to_q", "to_k", "to_v")
-        members = [getattr(attention, name) for name in names]
-        members = [m for m in members if isinstance(m, DualBranchLinear) and m.strategy == "lowrank"
-                   and m.backend == "auto" and m.group is None and m.down.shape[0] <= GROUP_MAX_RANK]
-        if len(members) < 2:
-            continue
-        first = members[0]
-        if all(m.weight.shape == first.weight.shape and m.down.shape == first.down.shape
-               and m.weight.dtype == first.weight.dtype and (m.bias is None) == (first.bias is None)
-               for m in members):
-            InputGroup(members)
-            groups += 1
-    return groups
+        for name in names:
+            member = getattr(attention, name)
+            if id(member) in groupable:
+                where = "text" if attention.is_cross_attention else id(attention)
+                shape = (tuple(member.weight.shape), tuple(member.down.shape), member.weight.dtype, member.bias is None)
+                candidates.setdefault((where, shape), []).append(member)
+    groups = [members for members in candidates.values() if len(members) > 1]
+    for members in groups:
+        InputGroup(members)
+    return len(groups)
 
 
 def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

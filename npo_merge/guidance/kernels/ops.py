@@ -167,14 +167,15 @@ def bind_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def bind_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], n_uncond: int) -> Callable[..., list[torch.Tensor]] | None:
     """One launch for sibling layers that read x, bound to this call's shape and to these tensors:
-    f(x, scales) -> outputs; None where the grouped Triton kernel does not serve the call (then each layer
-    runs alone)."""
+    f(x, scales) -> outputs (or None from a call it cannot serve); None where the grouped Triton kernel does
+    not serve the shape. Where it does not serve, each layer runs alone."""
     if not (x.is_contiguous() and _takes_triton(x, weights[0], biases[0], downs[0], ups[0], n_uncond)):
         return None
-    from npo_merge.guidance.kernels.dual_linear_group import GroupLaunch
+    from npo_merge.guidance.kernels.dual_linear_group import MAX_MEMBERS, GroupLaunch, TableLaunch
 
     try:
-        return GroupLaunch(x, weights, biases, downs, ups, n_uncond)
+        launch = GroupLaunch if len(weights) <= MAX_MEMBERS else TableLaunch
+        return launch(x, weights, biases, downs, ups, n_uncond)
     except ValueError:  # members differ in shape, rank, dtype or layout
         return None
 
