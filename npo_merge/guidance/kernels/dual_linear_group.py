@@ -1,4 +1,4 @@
-"""One launch for sibling dual-branch layers that read the same input: attention's q/k/v (or k/v).
+"""One launch for dual-branch layers that read the same input: attention's q/k/v, or every cross-attention's k/v.
 
 Each member is y_i = x W_i^T + b_i, plus scale_i * (x A_i^T) B_i^T on the uncond rows, with its own
 weights, factors and output; x is shared. The grid covers the column tiles of every member, so one
@@ -6,7 +6,8 @@ launch does the work of two or three, with the tiles of ``dual_linear_triton`` (
 uncond tiles). Small layers gain most: three 640-channel projections fill the GPU better together
 than one by one, and two launches fewer cost less host time in eager mode.
 
-Members must agree on shape, rank and dtype, with contiguous tensors (`GroupLaunch` checks).
+Up to three members take pointer arguments (`GroupLaunch`); more take their addresses from a device
+table (`TableLaunch`). Members must agree on shape, rank and dtype, with contiguous tensors.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def _dual_linear_group_kernel(
     member = pid_all_n // tiles_n
     pid_n = pid_all_n - member * tiles_n
     _member_tile(x_ptr, _pick(member, w0, w1, w2), _pick(member, b0, b1, b2), _pick(member, d0, d1, d2),
-                 _pick(member, u0, u1, u2),
-                 _pick(member, o0, o1, o2), _pick(member, scale0, scale1, scale2), pid_m, pid_n, M, N, K, R, n_uncond,
-                 stride_xm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
+                 _pick(member, u0, u1, u2), _pick(member, o0, o1, o2), _pick(member, scale0, scale1, scale2),
+                 pid_m, pid_n, M, N, K, R, n_uncond, stride_xm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                 EVEN_K, DOT_PRECISION, UPCAST)
 
 
 @triton.jit(do_not_specialize=["n_uncond"])
