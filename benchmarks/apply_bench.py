@@ -38,8 +38,8 @@ BENCH = ROOT / ".bench"
 FILES = {"sd1": "sd15", "sdxl": "sdxl"}
 
 
-def _run(command: list[str], inputs: list[Path], cache: str | None) -> tuple[float, int, float]:
-    """(seconds, peak RSS bytes, load average before) of one command, inputs warm in the page
+def _run(command: list[str], inputs: list[Path], cache: str | None) -> tuple[float, int, float, float, float]:
+    """(seconds, peak RSS bytes, load average before, user and system CPU seconds) of one command, inputs warm in the page
     cache; `cache` is the sha256 cache folder it gets (None: a new empty one)."""
     for path in inputs:
         subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
@@ -47,11 +47,11 @@ def _run(command: list[str], inputs: list[Path], cache: str | None) -> tuple[flo
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as empty:
         env = {**os.environ, "NPO_MERGE_CACHE": cache or empty}
-        done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True, env=env)
+        done = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", *command], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{command} failed: {done.stderr[-2000:]}")
-    seconds, kib = done.stderr.strip().splitlines()[-1].split()
-    return float(seconds), int(kib) * 1024, load
+    seconds, kib, user, system = done.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kib) * 1024, load, float(user), float(system)
 
 
 def _lora(target: Path, out: Path, rank: int = 64) -> Path:
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--mecha-python", help="a python that has sd-mecha installed (sd1 add-difference row)")
     parser.add_argument("--skip-extract", action="store_true", help="leave out the sd1 add-difference rows")
     parser.add_argument("--before", type=Path, help="a checkout of an older npo_merge: its apply rows run too, for comparison")
+    parser.add_argument("--results", type=Path, help="where the JSON goes (default benchmarks/results/apply-ARCH.json)")
     args = parser.parse_args()
     name = FILES[args.arch]
     target = BENCH / f"{name}.safetensors"
@@ -142,13 +143,14 @@ def main() -> None:
         if cache:
             _run(command, inputs, cache)
             out.unlink(missing_ok=True)
-    runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, *_ in rows}
+    runs: dict[str, list[tuple[float, int, float, float, float]]] = {label: [] for label, *_ in rows}
     for _ in range(args.repeats):
         for label, command, inputs, cache in rows:
             runs[label].append(_run(command, inputs, cache))
             out.unlink(missing_ok=True)
     results = [{"row": label, "seconds": statistics.median(r[0] for r in done), "runs": [r[0] for r in done],
-                "load_average": [r[2] for r in done], "peak_rss": max(r[1] for r in done)} for label, done in runs.items()]
+                "load_average": [r[2] for r in done], "user_s": [r[3] for r in done], "system_s": [r[4] for r in done],
+                "peak_rss": max(r[1] for r in done)} for label, done in runs.items()]
     cp_seconds = results[0]["seconds"]
     size = target.stat().st_size
     print(f"target {target.name}: {size / 1e9:.2f} GB; median of {args.repeats} runs; torch {torch.__version__}; {os.cpu_count()} cores\n")
@@ -158,7 +160,7 @@ def main() -> None:
         loads = r["load_average"]
         print(f"| {r['row']} | {r['seconds']:.1f} s | {r['seconds'] / cp_seconds:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB "
               f"| {min(loads):.1f}-{max(loads):.1f} |")
-    (ROOT / "benchmarks" / "results" / f"apply-{args.arch}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.results or ROOT / "benchmarks" / "results" / f"apply-{args.arch}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

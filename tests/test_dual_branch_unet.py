@@ -332,3 +332,96 @@ def test_whole_unet_under_inductor(cases):
         compiled = torch.compile(unet, fullgraph=True)
         assert max_rel_err(_call(compiled, inputs), reference) < 1e-5
     torch._dynamo.reset()
+
+
+def _torch_norm_shrink(h, gamma, beta, eps, down, scales, n_uncond, out):
+    """What kernels.norm_shrink computes, with torch ops (the UNet tests run without the Triton kernel)."""
+    c, rank = h.shape[-1], down.shape[0]
+    flat = out.view(-1, out.shape[-1])
+    normed = torch.nn.functional.layer_norm(h, (c,), gamma, beta, eps).reshape(-1, c)
+    flat.zero_()
+    flat[:, :c] = normed
+    flat[:n_uncond, c:c + rank] = (normed[:n_uncond] @ down.t()) * scales
+    return None
+
+
+class _TorchNormLaunch:
+    def __init__(self, h, width, n_uncond, eps, direct):
+        self.shape, self.n_uncond, self.eps = (*h.shape[:-1], width), n_uncond, eps
+
+    def __call__(self, h, gamma, beta, down, scales):
+        out = h.new_empty(self.shape)
+        _torch_norm_shrink(h, gamma, beta, self.eps, down, scales, self.n_uncond, out)
+        return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norm_fed_projections_in_one_wide_gemm(cases, arch, monkeypatch):
+    """Each transformer block's norm1 (q/k/v) and norm2 (cross-attention q) widened: every member served from
+    one GEMM over [LN(h) | shrink] gives the two-UNet result; state_dict, modes, .to() and disable stay exact."""
+    from npo_merge.guidance import widened_norm
+
+    unet, deltas, inputs, reference, plain = cases[arch, "attention"]
+    monkeypatch.setattr(widened_norm, "_norm_launcher", lambda: (_TorchNormLaunch, _torch_norm_shrink, True))
+    monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
+    monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)  # tiny widths: the tail is most of K
+    served = Counter()
+    output = widened_norm.WideGroup.output
+
+    def counting(self, member, x, n_uncond):
+        y = output(self, member, x, n_uncond)
+        served[y is not None] += 1
+        return y
+
+    monkeypatch.setattr(widened_norm.WideGroup, "output", counting)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
+        for module in handle.modules.values():
+            module.set_backend("auto")
+        assert widened_norm.widen_norms(unet) == 2 * len(blocks)
+        assert all(isinstance(b.norm1, widened_norm.WidenedNorm) for b in blocks)
+        assert unet.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+        assert served == {True: 4 * len(blocks)}
+        set_branch_mode(unet, "cond")  # no uncond rows: the usual path
+        assert max_rel_err(_call(unet, inputs), plain) < 1e-5
+        set_branch_mode(unet, "cfg")
+        unet.double()  # members converted: the group lays out the new weights at the next call
+        got = _call(unet, {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()})
+        unet.float()
+        assert max_rel_err(got, reference) < 1e-5
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+    assert not any(isinstance(m, widened_norm.WidenedNorm) for m in unet.modules())
+    assert all(v.is_contiguous() and torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+    assert max_rel_err(_call(unet, inputs), plain) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, monkeypatch):
+    """On CUDA (fp16) the real norm kernel serves every norm-fed projection: the result matches the ungrouped
+    layers, and a CUDA graph captured after an eager call replays it."""
+    from npo_merge.guidance import widened_norm
+
+    monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
+    monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)
+    unet = ARCHS[arch]().cuda().half()
+    deltas = {k: LowRank(down=v.down.cuda().half(), up=v.up.cuda().half(), alpha=v.alpha)
+              for k, v in random_lora(unet, attention_projection_names(unet), 8, seed=3).items()}
+    inputs = {k: v.cuda().half() if torch.is_tensor(v) and v.is_floating_point() else
+              ({a: b.cuda().half() for a, b in v.items()} if isinstance(v, dict) else v.cuda())
+              for k, v in tiny_unet_inputs(unet).items()}
+    with enable_npo(unet, deltas, mode="cfg", backend="auto", group_inputs=False):
+        reference = _call(unet, inputs)
+    with enable_npo(unet, deltas, mode="cfg", backend="auto") as handle:
+        assert handle.counts["WidenedNorm"] > 0
+        eager = _call(unet, inputs)
+        assert max_rel_err(eager, reference) < 1e-2
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            captured = unet(**inputs).sample
+        graph.replay()
+        torch.cuda.synchronize()
+        assert max_rel_err(captured, eager) < 1e-3

@@ -589,3 +589,36 @@ def test_auto_times_the_paths_on_the_first_eager_call_and_graph_capture_keeps_th
         graph.replay()
     assert len(wrapped._fastest) == 1  # capture reused the eager timing
     _assert_branches_close(captured.reshape(rows, -1), ref, rows // 2, 1e-2)
+
+
+# --------------------------------------------------------------------------- the widened LayerNorm
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_norm_shrink_matches_float64(dtype):
+    """[LN(h) | scale * LN(h) A^T on uncond rows | 0]: the norm against float64, the shrink of the rounded
+    output against float64, cond rows and padding exactly zero, whatever was in the buffer before."""
+    from npo_merge.guidance.kernels.norm_shrink import NormShrinkLaunch, norm_shrink
+
+    gen = torch.Generator().manual_seed(5)
+    rows, c, rank, width = 40, 96, 12, 128  # 3 row tiles of 16; the rank not a multiple of 8
+    # A large mean and a small spread: the statistics must not cancel.
+    h = (torch.randn(2, rows // 2, c, generator=gen) * 3 + 100).to(dtype).to(DEVICE)
+    gamma = (torch.randn(c, generator=gen) * 0.2 + 1).to(dtype).to(DEVICE)
+    beta = (torch.randn(c, generator=gen) * 0.1).to(dtype).to(DEVICE)
+    down = (torch.randn(rank, c, generator=gen) / c**0.5).to(dtype).to(DEVICE)
+    scales = torch.linspace(-1.0, 2.0, rank, device=DEVICE)
+    ln = torch.nn.functional.layer_norm(h.double(), (c,), gamma.double(), beta.double(), 1e-5).reshape(rows, c)
+    for n_uncond in (0, 20, 27, rows):
+        out = torch.full((2, rows // 2, width), float("nan"), dtype=dtype, device=DEVICE)
+        direct = norm_shrink(h, gamma, beta, 1e-5, down, scales, n_uncond, out)
+        flat = out.reshape(rows, width)
+        assert _rel_err(flat[:, :c], ln) < TOLERANCE[dtype]
+        if n_uncond:
+            shrunk = (flat[:n_uncond, :c].double() @ down.double().t()) * scales.double()
+            assert _rel_err(flat[:n_uncond, c:c + rank], shrunk) < TOLERANCE[dtype]
+        assert torch.equal(flat[n_uncond:, c:], torch.zeros_like(flat[n_uncond:, c:]))
+        assert torch.equal(flat[:, c + rank:], torch.zeros_like(flat[:, c + rank:]))
+        again = NormShrinkLaunch(h, width, n_uncond, 1e-5, direct)(h, gamma, beta, down, scales)
+        assert torch.equal(again, out)

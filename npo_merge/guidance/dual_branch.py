@@ -509,6 +509,8 @@ class DualBranchLayer(nn.Module):
         """Store W and down as one tensor [W; down] (the shared Parameter and the `down` buffer become views of
         it) and the bias as [b; 0], for the joint paths (`joint_linear`, `joint_conv2d`): low-rank layers whose
         outputs outnumber the rank JOINT_MIN_OUT_PER_RANK times over (the shrink runs on the cond rows too)."""
+        if getattr(getattr(self, "group", None), "owns_weights", False):
+            return  # a WideGroup lays out this layer's weight (and re-lays it out after .to())
         self.joint_weight = self.joint_bias = None
         if self.strategy != "lowrank" or self.down.shape[0] * JOINT_MIN_OUT_PER_RANK > self.weight.shape[0]:
             return

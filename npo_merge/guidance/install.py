@@ -41,6 +41,7 @@ from npo_merge.guidance.dual_branch import (
     dual_branch_module,
     fused_op_available,
 )
+from npo_merge.guidance.widened_norm import WidenedNorm, widen_norms
 
 ModeSetting = Literal["auto", "cfg", "cond", "uncond"]
 DeltaValue = BranchDelta | LowRank | torch.Tensor
@@ -102,7 +103,9 @@ def enable_npo(
         call; "auto" (on CUDA, when the op is there) uses it only where `prefers_fused` says it beats
         cuBLAS plus the torch update for the call's shape; "torch" never uses it.
     group_inputs: with backend "auto", serve projections that read the same input with one grouped launch
-        (each self-attention's q/k/v; all cross-attention k/v of one width; `group_shared_inputs`).
+        (each self-attention's q/k/v; all cross-attention k/v of one width; `group_shared_inputs`), and
+        the projections a transformer block's LayerNorm feeds with one GEMM over rows the norm widens with
+        the shrink (`widen_norms`; on large inputs).
     Raises CompatibilityError naming every key that has no matching layer or the wrong shape.
     """
     pipeline, unet = _split_pipeline(pipe_or_unet)
@@ -136,6 +139,9 @@ def enable_npo(
     for module in modules.values():
         key = f"{type(module).__name__}:{module.strategy}"
         counts[key] = counts.get(key, 0) + 1
+    widened = widen_norms(unet) if group_inputs and layer_backend == "auto" else 0
+    if widened:
+        counts["WidenedNorm"] = widened
     groups = group_shared_inputs(unet) if group_inputs else 0
     if groups:
         counts["InputGroup"] = groups
@@ -147,7 +153,9 @@ def disable_npo(pipe_or_unet: Any) -> int:
     pipeline, unet = _split_pipeline(pipe_or_unet)
     restored = 0
     for name, module in list(unet.named_modules()):
-        if isinstance(module, DualBranchLayer):
+        if isinstance(module, WidenedNorm):
+            _replace_submodule(unet, name, module.release())
+        elif isinstance(module, DualBranchLayer):
             _replace_submodule(unet, name, module.release())
             restored += 1
     if pipeline is not None and getattr(pipeline.__dict__.get("encode_prompt"), _WRAPPER_MARK, None) is not None:
