@@ -102,7 +102,7 @@ SMOKE_UNETS = {
 }
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 LORAS = {"attn-r8": ("attention", 8), "all-r64": ("linear+conv", 64)}
-ROWS = ("two_unets", "plain", "plain_fused_qkv", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "npo_auto", "npo_auto_ungrouped", "peft_mixed")
+ROWS = ("two_unets", "plain", "plain_fused_qkv", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "npo_auto", "npo_auto_ungrouped", "npo_auto_widened", "peft_mixed")
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
@@ -235,6 +235,9 @@ def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) 
             yield unet, [unet]
     elif row == "npo_auto_ungrouped":  # auto without grouped q/k/v launches: every layer on its own
         with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", group_inputs=False):
+            yield unet, [unet]
+    elif row == "npo_auto_widened":  # auto, and the norms feeding q/k/v and cross-attention q widened
+        with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", widened_norms=True):
             yield unet, [unet]
     elif row == "peft_toggle":
         with _peft_lora(unet, deltas, rank):

@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--compile", default="", help="comma list of models to also run under torch.compile")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rows", default=",".join(ROWS), help="cfg_step rows to run (first is the baseline)")
     parser.add_argument("--eager-pairs", type=int, default=0, help="eager only: alternate plain/NPO loops N times")
     parser.add_argument("--eager-rows", default="npo_auto", help="NPO rows for --eager-pairs (cfg_step rows), interleaved with plain")
     args = parser.parse_args()
@@ -126,7 +127,7 @@ def main() -> None:
         inputs = cfg_step.step_inputs(unet, device, dtype)
         deltas = cfg_step.random_lora(unet, cfg_step.lora_targets(unet, "attention"), 8)
         steps = STEPS[name]
-        for row in ROWS:
+        for row in args.rows.split(","):
             with cfg_step.row_model(row, unet, deltas, 8) as (model, _):
                 torch.cuda.reset_peak_memory_stats()
                 loop = sampling_loop(model, inputs, steps)

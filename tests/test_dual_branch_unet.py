@@ -415,7 +415,7 @@ def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, mo
               for k, v in tiny_unet_inputs(unet).items()}
     with enable_npo(unet, deltas, mode="cfg", backend="auto", group_inputs=False):
         reference = _call(unet, inputs)
-    with enable_npo(unet, deltas, mode="cfg", backend="auto") as handle:
+    with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
         assert handle.counts["WidenedNorm"] > 0
         eager = _call(unet, inputs)
         assert max_rel_err(eager, reference) < 1e-2
