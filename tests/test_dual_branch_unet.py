@@ -346,7 +346,7 @@ def _torch_norm_shrink(h, gamma, beta, eps, down, scales, n_uncond, out):
 
 
 class _TorchNormLaunch:
-    def __init__(self, h, width, n_uncond, eps, direct):
+    def __init__(self, h, width, rank, n_uncond, eps, direct):
         self.shape, self.n_uncond, self.eps = (*h.shape[:-1], width), n_uncond, eps
 
     def __call__(self, h, gamma, beta, down, scales):
@@ -356,12 +356,14 @@ class _TorchNormLaunch:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_norm_fed_projections_in_one_wide_gemm(cases, arch, monkeypatch):
-    """Each transformer block's norm1 (q/k/v) and norm2 (cross-attention q) widened: every member served from
-    one GEMM over [LN(h) | shrink] gives the two-UNet result; state_dict, modes, .to() and disable stay exact."""
+@pytest.mark.parametrize("coverage", COVERAGE)
+def test_norm_fed_projections_in_one_wide_gemm(cases, arch, coverage, monkeypatch):
+    """Each transformer block's norm1 (q/k/v), norm2 (cross-attention q) and, where the feed-forward is covered,
+    norm3 (its input projection) widened: every member served from one GEMM over [LN(h) | shrink] gives the
+    two-UNet result; state_dict, modes, .to() and disable stay exact."""
     from npo_merge.guidance import widened_norm
 
-    unet, deltas, inputs, reference, plain = cases[arch, "attention"]
+    unet, deltas, inputs, reference, plain = cases[arch, coverage]
     monkeypatch.setattr(widened_norm, "_norm_launcher", lambda: (_TorchNormLaunch, _torch_norm_shrink, True))
     monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
     monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)  # tiny widths: the tail is most of K
@@ -378,13 +380,15 @@ def test_norm_fed_projections_in_one_wide_gemm(cases, arch, monkeypatch):
     blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
         for module in handle.modules.values():
-            module.set_backend("auto")
-        assert widened_norm.widen_norms(unet) == 2 * len(blocks)
+            if hasattr(module, "set_backend"):
+                module.set_backend("auto")
+        norms = 2 if coverage == "attention" else 3
+        assert widened_norm.widen_norms(unet) == norms * len(blocks)
         assert all(isinstance(b.norm1, widened_norm.WidenedNorm) for b in blocks)
         assert unet.state_dict().keys() == state.keys()
         assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
         assert max_rel_err(_call(unet, inputs), reference) < 1e-5
-        assert served == {True: 4 * len(blocks)}
+        assert served == {True: (norms + 2) * len(blocks)}
         set_branch_mode(unet, "cond")  # no uncond rows: the usual path
         assert max_rel_err(_call(unet, inputs), plain) < 1e-5
         set_branch_mode(unet, "cfg")

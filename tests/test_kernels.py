@@ -596,13 +596,14 @@ def test_auto_times_the_paths_on_the_first_eager_call_and_graph_capture_keeps_th
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_triton_norm_shrink_matches_float64(dtype):
+@pytest.mark.parametrize(("rank", "width"), [(12, 128), (40, 160)])
+def test_triton_norm_shrink_matches_float64(dtype, rank, width):
     """[LN(h) | scale * LN(h) A^T on uncond rows | 0]: the norm against float64, the shrink of the rounded
     output against float64, cond rows and padding exactly zero, whatever was in the buffer before."""
     from npo_merge.guidance.kernels.norm_shrink import NormShrinkLaunch, norm_shrink
 
     gen = torch.Generator().manual_seed(5)
-    rows, c, rank, width = 40, 96, 12, 128  # 3 row tiles of 16; the rank not a multiple of 8
+    rows, c = 40, 96  # 3 row tiles of 16; ranks not multiples of 8, padding past the rank block (12 -> 16 < 32)
     # A large mean and a small spread: the statistics must not cancel.
     h = (torch.randn(2, rows // 2, c, generator=gen) * 3 + 100).to(dtype).to(DEVICE)
     gamma = (torch.randn(c, generator=gen) * 0.2 + 1).to(dtype).to(DEVICE)
@@ -620,5 +621,5 @@ def test_triton_norm_shrink_matches_float64(dtype):
             assert _rel_err(flat[:n_uncond, c:c + rank], shrunk) < TOLERANCE[dtype]
         assert torch.equal(flat[n_uncond:, c:], torch.zeros_like(flat[n_uncond:, c:]))
         assert torch.equal(flat[:, c + rank:], torch.zeros_like(flat[:, c + rank:]))
-        again = NormShrinkLaunch(h, width, n_uncond, 1e-5, direct)(h, gamma, beta, down, scales)
+        again = NormShrinkLaunch(h, width, rank, n_uncond, 1e-5, direct)(h, gamma, beta, down, scales)
         assert torch.equal(again, out)

@@ -169,7 +169,7 @@ class WideGroup:
         launch_class, first_launch, _ = kernels
         out = h.new_empty((*h.shape[:-1], self.width))
         direct = first_launch(h, norm.weight, norm.bias, norm.eps, self.down, self._scale_rows, flat_uncond, out)
-        return launch_class(h, self.width, flat_uncond, norm.eps, direct)
+        return launch_class(h, self.width, self.rank, flat_uncond, norm.eps, direct)
 
     def output(self, member: DualBranchLinear, x: torch.Tensor, n_uncond: int) -> torch.Tensor | None:
         """This member's output for the widened view x (all members' from one GEMM); None for any other x."""
@@ -217,40 +217,50 @@ class WidenedNorm(nn.Module):
         return self.original
 
 
-def _wide_members(block: nn.Module, norm_name: str, attention_name: str, names: tuple[str, ...]) -> list[DualBranchLinear] | None:
-    norm, attention = getattr(block, norm_name, None), getattr(block, attention_name, None)
-    if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None or attention is None:
-        return None
-    members = [getattr(attention, name, None) for name in names]
-    if not all(isinstance(m, DualBranchLinear) and m.strategy == "lowrank" and m.backend == "auto" for m in members):
-        return None
+def _widenable(norm: nn.Module | None, members: list) -> bool:
+    """Whether `norm` (an affine nn.LayerNorm) and `members` (low-rank dual-branch linears on backend "auto",
+    ungrouped, one input width, all with a bias or none) can form a widened group at an acceptable tail."""
+    if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None or not members:
+        return False
+    if not all(isinstance(m, DualBranchLinear) and m.strategy == "lowrank" and m.backend == "auto" and m.group is None
+               for m in members):
+        return False
     first = members[0]
     if any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype or (m.bias is None) != (first.bias is None)
            for m in members):
-        return None
-    return members
+        return False
+    c = first.in_features
+    return _wide_width(c, sum(m.down.shape[0] for m in members)) - c <= MAX_TAIL_FRACTION * c
+
+
+def _norm_feeds(block: nn.Module) -> list[tuple[str, list]]:
+    """(norm name, the projections that read only its output) in a diffusers BasicTransformerBlock: norm1 ->
+    self-attention q/k/v, norm2 -> cross-attention q, norm3 -> the feed-forward's input projection."""
+    feeds = []
+    for norm_name, attention_name in (("norm1", "attn1"), ("norm2", "attn2")):
+        attention = getattr(block, attention_name, None)
+        if attention is not None and hasattr(attention, "is_cross_attention"):
+            names = ("to_q",) if attention.is_cross_attention else ("to_q", "to_k", "to_v")
+            feeds.append((norm_name, [getattr(attention, name, None) for name in names]))
+    net = getattr(getattr(block, "ff", None), "net", None)
+    if isinstance(net, nn.ModuleList) and len(net) and isinstance(getattr(net[0], "proj", None), nn.Module):
+        feeds.append(("norm3", [net[0].proj]))  # GEGLU / GELU: proj reads the norm's output first
+    return feeds
 
 
 def widen_norms(unet: nn.Module) -> int:
-    """Swap each transformer block's norm1 (feeding self-attention q/k/v) and norm2 (feeding cross-attention q)
-    for a `WidenedNorm` where all those projections are low-rank dual-branch layers on backend "auto";
-    returns how many norms were swapped. Run before `group_shared_inputs` takes q/k/v into launch groups."""
+    """Swap each transformer block's norm1 (feeding self-attention q/k/v), norm2 (cross-attention q) and norm3
+    (the feed-forward's input projection) for a `WidenedNorm` where all those projections are low-rank
+    dual-branch layers on backend "auto"; returns how many norms were swapped. Run before
+    `group_shared_inputs` takes q/k/v into launch groups."""
     swapped = 0
     for block in list(unet.modules()):
         # diffusers' BasicTransformerBlock keeps the flag as a plain attribute (a model's config flag is not one).
         if vars(block).get("only_cross_attention", True) or getattr(block, "pos_embed", None) is not None:
             continue
-        for norm_name, attention_name in (("norm1", "attn1"), ("norm2", "attn2")):
-            attention = getattr(block, attention_name, None)
-            if attention is None or not hasattr(attention, "is_cross_attention"):
-                continue
-            names = ("to_q",) if attention.is_cross_attention else ("to_q", "to_k", "to_v")
-            members = _wide_members(block, norm_name, attention_name, names)
-            if members is None or any(m.group is not None for m in members):
-                continue
-            c = members[0].in_features
-            if _wide_width(c, sum(m.down.shape[0] for m in members)) - c > MAX_TAIL_FRACTION * c:
-                continue
-            setattr(block, norm_name, WidenedNorm(getattr(block, norm_name), WideGroup(members)))
-            swapped += 1
+        for norm_name, members in _norm_feeds(block):
+            norm = getattr(block, norm_name, None)
+            if _widenable(norm, members):
+                setattr(block, norm_name, WidenedNorm(norm, WideGroup(members)))
+                swapped += 1
     return swapped

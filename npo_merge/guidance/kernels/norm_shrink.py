@@ -20,6 +20,7 @@ import triton.language as tl
 from npo_merge.guidance.kernels.dual_linear_triton import (
     INTERPRETED,
     _current_stream,
+    rank_block,
     _direct_launcher,
     _dot_precision,
     _launch_hooks,
@@ -71,13 +72,22 @@ def _norm_shrink_kernel(h_ptr, gamma_ptr, beta_ptr, down_ptr, scale_ptr, out_ptr
     shrunk = tl.where(rows[:, None] < n_uncond, shrunk * scales[None, :], 0.0)  # cond rows and padding: zero
     tl.store(out_rows + C + ranks[None, :], shrunk.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (ranks[None, :] < TAIL))
+    for t0 in range(BLOCK_R, TAIL, BLOCK_R):  # the rest of the padding
+        tl.store(out_rows + C + t0 + ranks[None, :], tl.zeros((BLOCK_M, BLOCK_R), out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (t0 + ranks[None, :] < TAIL))
 
 
-def _config(rows: int) -> dict:
-    """Tiles from the H100 sweep (.whl probe, 2026-11-26): 32 rows a program from 8192 rows, else 16."""
+def _config(rows: int, rank: int) -> dict:
+    """Tiles from the H100 sweep (.whl probe, 2026-11-26): 32 rows a program from 8192 rows, else 16; the
+    shrink's factor tile (BLOCK_C x BLOCK_R) kept to 16K elements."""
+    block_r = rank_block(rank)
     if rows >= 8192:
-        return {"BLOCK_M": 32, "BLOCK_C": 128, "STAGES": 1, "num_warps": 8}
-    return {"BLOCK_M": 16, "BLOCK_C": 256, "STAGES": 3, "num_warps": 4}
+        cfg = {"BLOCK_M": 32, "BLOCK_C": 128, "STAGES": 1, "num_warps": 8}
+    else:
+        cfg = {"BLOCK_M": 16, "BLOCK_C": 256, "STAGES": 3, "num_warps": 4}
+    cfg["BLOCK_C"] = min(cfg["BLOCK_C"], max(32, 16384 // block_r))
+    cfg["BLOCK_R"] = block_r
+    return cfg
 
 
 def norm_shrink(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, down: torch.Tensor,
@@ -88,10 +98,10 @@ def norm_shrink(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: f
     c = h.shape[-1]
     rows = h.numel() // c
     tail = out.shape[-1] - c
-    cfg = _config(rows)
+    cfg = _config(rows, down.shape[0])
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
     compiled = _norm_shrink_kernel[grid](h, gamma, beta, down, scales, out, rows, c, down.shape[0], tail, n_uncond,
-                                         float(eps), c, out.shape[-1], BLOCK_R=max(16, triton.next_power_of_2(tail)),
+                                         float(eps), c, out.shape[-1],
                                          DOT_PRECISION=_dot_precision(h.dtype), UPCAST=INTERPRETED and h.dtype == torch.bfloat16,
                                          **cfg)
     return _direct_launcher(compiled, grid[0])
@@ -102,14 +112,15 @@ class NormShrinkLaunch:
     sampling is host-bound), with pointers as integers; without a direct launcher (the CPU interpreter, another
     Triton), with unaligned tensors or under a launch-hooking profiler they take the general entry."""
 
-    def __init__(self, h: torch.Tensor, out_width: int, n_uncond: int, eps: float, direct: Callable[..., None] | None):
+    def __init__(self, h: torch.Tensor, out_width: int, rank: int, n_uncond: int, eps: float,
+                 direct: Callable[..., None] | None):
         c = h.shape[-1]
         self._out_shape = (*h.shape[:-1], out_width)
         self._sizes = (h.numel() // c, c)
         self._n_uncond, self._eps = n_uncond, float(eps)
-        cfg = _config(self._sizes[0])
+        cfg = _config(self._sizes[0], rank)
         # The kernel's compile-time parameters, in declaration order.
-        self._constexprs = (cfg["BLOCK_M"], cfg["BLOCK_C"], max(16, triton.next_power_of_2(out_width - c)), cfg["STAGES"],
+        self._constexprs = (cfg["BLOCK_M"], cfg["BLOCK_C"], cfg["BLOCK_R"], cfg["STAGES"],
                             _dot_precision(h.dtype), INTERPRETED and h.dtype == torch.bfloat16)
         self._direct = direct
 
