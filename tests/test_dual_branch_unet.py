@@ -429,3 +429,27 @@ def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, mo
         graph.replay()
         torch.cuda.synchronize()
         assert max_rel_err(captured, eager) < 1e-3
+
+
+def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
+    """Under torch.compile a WidenedNorm is a plain LayerNorm and its projections take their torch path over
+    the strided weight views: a transformer block compiles with fullgraph=True and matches eager."""
+    from npo_merge.guidance import widened_norm
+
+    monkeypatch.setattr(widened_norm, "_norm_launcher", lambda: (_TorchNormLaunch, _torch_norm_shrink, True))
+    monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
+    monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)
+    unet, deltas, _, _, _ = cases["sd15", "all"]
+    x, text = torch.randn(2, 64, 8, 8), torch.randn(2, 8, 32)
+    block = unet.down_blocks[1].attentions[0]
+    torch._dynamo.reset()
+    with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle, torch.no_grad():
+        for module in handle.modules.values():
+            if hasattr(module, "set_backend"):
+                module.set_backend("auto")
+        assert widened_norm.widen_norms(unet) > 0
+        eager = block(x, encoder_hidden_states=text, return_dict=False)[0]  # the widened path serves this call
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, encoder_hidden_states=text, return_dict=False)[0], eager,
+                                   rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
