@@ -179,9 +179,11 @@ def test_joint_layer_keeps_one_copy_of_w_across_to_and_release(make, bias):
     assert conv.weight.data_ptr() == wrapped.joint_weight.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x.float()), expected.float(), rtol=1e-5, atol=1e-5)
+    joint_storage = wrapped.joint_weight.untyped_storage().data_ptr()
     original = wrapped.release()
     assert original is conv
-    assert conv.weight.untyped_storage().data_ptr() != wrapped.joint_weight.untyped_storage().data_ptr()
+    assert conv.weight.untyped_storage().data_ptr() != joint_storage
+    assert wrapped.joint_weight is None and wrapped.down.untyped_storage().data_ptr() != joint_storage
     for param, old in zip(conv.parameters(), before):
         assert param.shape == old.shape
         torch.testing.assert_close(param.detach(), old.float())

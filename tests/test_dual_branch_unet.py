@@ -253,6 +253,11 @@ def test_disable_restores_modules_bits_and_outputs(cases, path):
     for key, value in state.items():
         assert restored[key].dtype == value.dtype and torch.equal(restored[key].view(torch.uint8), value.view(torch.uint8))
     assert torch.equal(_call(unet, inputs), plain)
+    # The handle still holds the dual-branch modules: they must not keep a copy of any weight alive.
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    for module in handle.modules.values():
+        assert module.joint_weight is None and getattr(module, "stacked_weight", None) is None
+        assert all(b.untyped_storage().data_ptr() not in weights for b in module.buffers())
 
 
 def test_unet_prefix_weight_suffix_and_branch_delta_values(cases):

@@ -503,6 +503,9 @@ class DualBranchLayer(nn.Module):
             self.weight.data = self.weight.data.clone()
             if self.bias is not None:
                 self.bias.data = self.bias.data.clone()
+            # This module may outlive the swap (an NpoHandle keeps it): hold nothing of the joint storage.
+            self.down = self.down.clone()
+            self.joint_weight = self.joint_bias = None
         return self.original
 
     def _join(self) -> None:
@@ -664,6 +667,7 @@ class DualBranchLinear(DualBranchLayer):
         if self.strategy == "stacked":
             # Give the Parameter its own storage again so the stack can be freed.
             self.weight.data = self.weight.data.clone()
+            self.stacked_weight = None
         return super().release()
 
     def _takes_fused(self, x: torch.Tensor, rank: int) -> bool:

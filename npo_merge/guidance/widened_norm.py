@@ -118,6 +118,8 @@ class WideGroup:
             if member.bias is not None:
                 member.bias.data = member.bias.data.clone()
             member.group = None
+        self.weight = self.down = self.bias = None
+        self._source, self._pending = None, {}
 
     def _ready(self, capturing: bool) -> bool:
         """Layout and scales current; they are never rebuilt inside a CUDA graph capture (False then)."""
