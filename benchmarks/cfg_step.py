@@ -236,7 +236,7 @@ def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) 
     elif row == "npo_auto_ungrouped":  # auto without grouped q/k/v launches: every layer on its own
         with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", group_inputs=False):
             yield unet, [unet]
-    elif row == "npo_auto_widened":  # auto, and the norms feeding q/k/v and cross-attention q widened
+    elif row == "npo_auto_widened":  # auto, and the norms feeding q/k/v, cross-attention q and the FF widened
         with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", widened_norms=True):
             yield unet, [unet]
     elif row == "peft_toggle":

@@ -1,7 +1,8 @@
 """LayerNorm-fed projections in one cuBLAS GEMM: the norm writes the LoRA shrink, the GEMM reads it as input.
 
-In a diffusers transformer block, `norm1`'s output feeds only the self-attention's q/k/v, and `norm2`'s only
-the cross-attention's q. `WidenedNorm` replaces such a norm: on CUDA it runs a Triton LayerNorm
+In a diffusers transformer block, `norm1`'s output feeds only the self-attention's q/k/v, `norm2`'s only the
+cross-attention's q and `norm3`'s only the feed-forward's input projection. `WidenedNorm` replaces such a
+norm (`enable_npo(..., widened_norms=True)`, meant for CUDA-graph sampling): it runs a Triton LayerNorm
 (`kernels.norm_shrink`) that writes rows [LN(h) | s * LN(h_u) A^T | 0] into a buffer K + tail wide and
 returns the LN(h) view. `WideGroup` stores its projections' weights as rows of one matrix
 [W | B | 0] (the Parameters become views of it: W is still stored once), so when a projection is called
