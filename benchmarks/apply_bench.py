@@ -16,8 +16,8 @@ fresh process after its inputs were read once into the page cache and pending wr
 rows take turns (repeat 1 of every row, then repeat 2...), and the 1-minute load average is kept
 with each run. Apply rows run twice: with an empty sha256 cache (inputs are hashed during the
 run) and with a warm one (filled by an untimed run first). With --before DIR, both apply commands
-also run with DIR first on PYTHONPATH (older code, in the same turns). Results:
-benchmarks/results/apply-ARCH.json.
+also run with DIR first on PYTHONPATH (older code, in the same turns). Results, with each run's user and
+system CPU seconds: benchmarks/results/apply-ARCH.json, or --results PATH.
 """
 
 from __future__ import annotations
