@@ -1,7 +1,7 @@
 """Triton LayerNorm that also writes the LoRA shrink: out = [LN(h) | scale * LN(h) A^T on uncond rows | 0].
 
-The dual-branch projections that read a LayerNorm's output (an attention's q/k/v, a cross-attention's q)
-then need no update pass: with their weights stored as rows of [W | B | 0], one cuBLAS GEMM over the
+The dual-branch projections that read a LayerNorm's output (an attention's q/k/v, a cross-attention's q,
+the feed-forward's input projection) then need no update pass: with their weights stored as rows of [W | B | 0], one cuBLAS GEMM over the
 widened rows computes x W^T + (s x A^T) B^T, the shrink columns being zero on cond rows. The norm reads
 each row twice (statistics, then normalize-and-store); the shrink is a tl.dot on the tile just normalized.
 
@@ -20,11 +20,11 @@ import triton.language as tl
 from npo_merge.guidance.kernels.dual_linear_triton import (
     INTERPRETED,
     _current_stream,
-    rank_block,
     _direct_launcher,
     _dot_precision,
     _launch_hooks,
     _mma,
+    rank_block,
 )
 
 __all__ = ["NormShrinkLaunch", "norm_shrink"]
