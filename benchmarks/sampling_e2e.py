@@ -1,7 +1,7 @@
 """End-to-end sampling loops (UNet only): iterations per second of plain CFG, this project's NPO path
 and the official two-UNet approach; eager, whole-step CUDA graphs, and torch.compile.
 
-    python benchmarks/sampling_e2e.py [--models sd15,sdxl] [--compile sd15] [--runs 3]
+    python benchmarks/sampling_e2e.py [--models sd15,sdxl] [--compile sd15] [--compile-mode reduce-overhead] [--runs 3]
     python benchmarks/sampling_e2e.py --eager-pairs 7      # eager only: plain and NPO loops alternated
 
 SD1.5 512x512 runs 25 steps, SDXL 1024x1024 30 steps, from the real configs with random fp16 weights
@@ -104,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--compile", default="", help="comma list of models to also run under torch.compile")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", default=",".join(ROWS), help="cfg_step rows to run (first is the baseline)")
     parser.add_argument("--eager-pairs", type=int, default=0, help="eager only: alternate plain/NPO loops N times")
@@ -136,13 +138,14 @@ def main() -> None:
                 result["graph_s"] = timed_runs(graph.replay, args.runs)
                 del graph
                 if name in args.compile.split(",") and row != "two_unets":
-                    compiled = torch.compile(model)
+                    compiled = torch.compile(model, mode=args.compile_mode)
                     compiled_loop = sampling_loop(compiled, inputs, steps)
                     start = time.perf_counter()
                     compiled_loop()
                     torch.cuda.synchronize()
                     result["compile_warmup_s"] = time.perf_counter() - start
                     result["compiled_s"] = timed_runs(compiled_loop, args.runs)
+                    result["compile_mode"] = args.compile_mode
                 result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 results.append(result)
                 print(f"[e2e] {name} {row} {result}", flush=True)

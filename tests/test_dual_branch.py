@@ -345,7 +345,8 @@ def test_fused_backend_dispatches_to_the_op(monkeypatch):
 
 
 def test_auto_backend_takes_the_fused_op_in_eager_only_where_the_shape_favours_it(monkeypatch):
-    """'auto' follows prefers_fused in eager mode; under torch.compile it leaves the torch ops to Inductor."""
+    """'auto' follows prefers_fused in eager mode, and under torch.compile runs that same route inside the
+    routed op; a forced 'fused' backend calls the fused op under compile too."""
     layer, x = _layer("linear3d")
     wrapped = dual_branch_module(layer, BranchDelta(_lora(layer)), 1.0)
     calls = []
@@ -361,12 +362,15 @@ def test_auto_backend_takes_the_fused_op_in_eager_only_where_the_shape_favours_i
         monkeypatch.setattr(dual_branch, "prefers_fused", lambda *shape, eager, favoured=favoured: favoured)
         torch.testing.assert_close(wrapped(x), expected)
     assert calls == [6]
+    routed = []
+    monkeypatch.setattr(dual_branch, "routed_linear", lambda *args: routed.append(args[-1]) or wrapped.route(*args[:-1]))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    torch.testing.assert_close(wrapped(x), expected)
-    assert calls == [6]  # compiling: the torch path even where eager would take the op
-    wrapped.set_backend("fused")
-    wrapped(x)
-    assert calls == [6, 6]  # a forced backend is kept under compile too
+    with torch.no_grad():  # inference: with autograd every call decides between the fused op and torch
+        torch.testing.assert_close(wrapped(x), expected)
+        assert routed == [wrapped._op_key] and calls == [6, 6]  # compiling: the op, running the bound eager route
+        wrapped.set_backend("fused")
+        wrapped(x)
+        assert routed == [wrapped._op_key] and calls == [6, 6, 6]  # a forced backend is kept under compile too
 
 
 def test_eager_inference_decides_and_binds_the_path_once_per_input_shape(monkeypatch):

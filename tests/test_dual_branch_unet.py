@@ -329,6 +329,41 @@ def test_traces_fullgraph_under_torch_compile(cases, backend):
     torch._dynamo.reset()
 
 
+def test_auto_layers_run_their_eager_route_as_one_op_under_torch_compile(cases):
+    """With backend 'auto', torch.compile sees each low-rank linear as one `routed_linear` node whose
+    implementation is the layer's eager route; a copied layer gets a key of its own."""
+    from npo_merge.guidance import routed_op
+    from npo_merge.guidance.dual_branch import DualBranchLinear
+
+    pytest.importorskip("npo_merge.guidance.kernels.ops")
+    unet, deltas, _, _, _ = cases["sd15", "all"]
+    x, text = torch.randn(2, 64, 8, 8), torch.randn(2, 8, 32)
+    block = unet.down_blocks[1].attentions[0]
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with enable_npo(unet, deltas, backend="torch"), torch.no_grad():
+        layers = [m for m in block.modules() if isinstance(m, DualBranchLinear)]
+        for layer in layers:
+            layer.set_backend("auto")
+        eager = block(x, encoder_hidden_states=text, return_dict=False)[0]
+        compiled = torch.compile(block, fullgraph=True, backend=recording_backend)
+        torch.testing.assert_close(compiled(x, encoder_hidden_states=text, return_dict=False)[0], eager,
+                                   rtol=1e-5, atol=1e-6)
+        op = torch.ops.npo_merge.routed_linear
+        keys = [node.args[-1] for gm in graphs for node in gm.graph.nodes if node.target in (op, op.default)]
+        assert sorted(keys) == sorted(layer._op_key for layer in layers)
+        aot = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(aot(x, encoder_hidden_states=text, return_dict=False)[0], eager, rtol=1e-5, atol=1e-6)
+        copied = copy.deepcopy(layers[0])
+        assert copied._op_key != layers[0]._op_key and routed_op._LAYERS[copied._op_key]() is copied
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not os.environ.get("NPO_SLOW_TESTS"), reason="inductor on a whole UNet takes minutes on 2 CPU cores")
 def test_whole_unet_under_inductor(cases):
     unet, deltas, inputs, reference, _ = cases["sdxl", "all"]

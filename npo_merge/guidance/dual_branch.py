@@ -39,6 +39,8 @@ from torch import nn
 
 from npo_merge.delta.types import LowRank
 from npo_merge.errors import CompatibilityError, InputError
+from npo_merge.guidance.routed_op import register as register_routed
+from npo_merge.guidance.routed_op import routed_linear
 
 BranchMode = Literal["cfg", "cond", "uncond"]
 BRANCH_MODES: tuple[BranchMode, ...] = ("cfg", "cond", "uncond")
@@ -641,6 +643,11 @@ class DualBranchLinear(DualBranchLayer):
         self._join()
         # Per (shape, dtype, device, uncond rows): the path with the least GPU time, timed at the first eager call.
         self._fastest: dict[tuple, str] = {}
+        self._op_key = register_routed(self)  # how the op torch.compile calls finds this layer
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy: the copy is a layer of its own
+        super().__setstate__(state)
+        self._op_key = register_routed(self)
 
     def set_backend(self, backend: Backend) -> None:
         """Pick the implementation of the 'lowrank' strategy: 'torch', the 'fused' kernel op for every
@@ -687,15 +694,28 @@ class DualBranchLinear(DualBranchLayer):
         """Backends 'fused' and 'auto'. In inference the path for an input shape is decided once and bound
         (`_bind_route`): later calls of that shape skip the dispatch checks, which cost more host time than
         the kernels take on the GPU. With 'auto', a layer in an `InputGroup` first asks the group for its
-        output. Under torch.compile or with autograd, every call decides between the fused op and torch."""
+        output, and under torch.compile the same route runs inside one opaque op (`routed_op`). With
+        autograd, every call decides between the fused op and torch."""
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)
         )
-        if needs_graph or torch.compiler.is_compiling():
+        if needs_graph:
             if self._takes_fused(x, down.shape[0]):
                 return self.fused(x, weight, bias, down, up, self.scale, n_uncond * math.prod(x.shape[1:-1]))
             return lowrank_linear(x, weight, bias, down, up, self.scale, n_uncond)
+        if torch.compiler.is_compiling():
+            if self.backend == "auto":  # one opaque op that runs this very route (routed_op)
+                return routed_linear(x, weight, bias, down, up, self.scale, n_uncond, self._op_key)
+            if self._takes_fused(x, down.shape[0]):
+                return self.fused(x, weight, bias, down, up, self.scale, n_uncond * math.prod(x.shape[1:-1]))
+            return lowrank_linear(x, weight, bias, down, up, self.scale, n_uncond)
+        return self.route(x, weight, bias, down, up, self.scale, n_uncond)
+
+    def route(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+              up: torch.Tensor, scale: float, n_uncond: int) -> torch.Tensor:
+        """An inference call's output: from the layer's group where it serves the call, else from the path
+        bound for the call's shape (eager calls, CUDA-graph capture, and the op torch.compile calls)."""
         if self.group is not None and self.backend == "auto":
             y = self.group.output(self, x, n_uncond)
             if y is not None:
@@ -704,7 +724,7 @@ class DualBranchLinear(DualBranchLayer):
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = self._bind_route(x, weight, bias, down, up, n_uncond, key)
-        return route(x, weight, bias, down, up, self.scale)
+        return route(x, weight, bias, down, up, scale)
 
     def _paths(self, n_uncond: int, rows: int) -> dict[str, Callable[..., torch.Tensor]]:
         """Every path that can serve a call with these uncond rows, as (x, w, b, down, up, scale) -> y."""
