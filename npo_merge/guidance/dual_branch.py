@@ -680,8 +680,8 @@ class DualBranchLinear(DualBranchLayer):
     def _takes_fused(self, x: torch.Tensor, rank: int) -> bool:
         """Whether this call goes to the fused op: always with backend 'fused'; with 'auto' where the shape
         favours it (`prefers_fused`: one rule for eager calls, one for CUDA-graph capture), never under
-        torch.compile (Inductor plans the plain torch ops itself, while an opaque op costs Python dispatch
-        time on every call of the compiled graph)."""
+        torch.compile (inference calls take the routed op there, and autograd calls the torch ops, which
+        Inductor plans and differentiates itself)."""
         if self.backend == "fused":
             return True
         if torch.compiler.is_compiling():
@@ -700,12 +700,9 @@ class DualBranchLinear(DualBranchLayer):
             x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)
         )
-        if needs_graph:
-            if self._takes_fused(x, down.shape[0]):
-                return self.fused(x, weight, bias, down, up, self.scale, n_uncond * math.prod(x.shape[1:-1]))
-            return lowrank_linear(x, weight, bias, down, up, self.scale, n_uncond)
-        if torch.compiler.is_compiling():
-            if self.backend == "auto":  # one opaque op that runs this very route (routed_op)
+        compiling = torch.compiler.is_compiling()
+        if needs_graph or compiling:
+            if compiling and not needs_graph and self.backend == "auto":  # one opaque op running `route`
                 return routed_linear(x, weight, bias, down, up, self.scale, n_uncond, self._op_key)
             if self._takes_fused(x, down.shape[0]):
                 return self.fused(x, weight, bias, down, up, self.scale, n_uncond * math.prod(x.shape[1:-1]))

@@ -102,7 +102,8 @@ def enable_npo(
     path: "lowrank" (default), "dense" or "stacked" (see `dual_branch_module`).
     backend: for low-rank linear layers, "fused" uses torch.ops.npo_merge.dual_branch_linear for every
         call; "auto" (on CUDA, when the op is there) uses it only where `prefers_fused` says it beats
-        cuBLAS plus the torch update for the call's shape; "torch" never uses it.
+        cuBLAS plus the torch update for the call's shape, and under torch.compile runs each layer's
+        eager route as one op (`routed_op`); "torch" never uses it.
     group_inputs: with backend "auto", serve projections that read the same input with one grouped launch
         (each self-attention's q/k/v; all cross-attention k/v of one width; `group_shared_inputs`).
     widened_norms: with backend "auto", also swap the LayerNorms that feed q/k/v, cross-attention q and the
