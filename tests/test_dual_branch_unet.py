@@ -359,6 +359,10 @@ def test_auto_layers_run_their_eager_route_as_one_op_under_torch_compile(cases):
         assert sorted(keys) == sorted(layer._op_key for layer in layers)
         aot = torch.compile(block, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(aot(x, encoder_hidden_states=text, return_dict=False)[0], eager, rtol=1e-5, atol=1e-6)
+        set_branch_mode(unet, "cond")  # another n_uncond: the graph is traced again, not reused
+        cond = block(x, encoder_hidden_states=text, return_dict=False)[0]
+        assert max_rel_err(cond, eager) > 1e-3
+        torch.testing.assert_close(aot(x, encoder_hidden_states=text, return_dict=False)[0], cond, rtol=1e-5, atol=1e-6)
         copied = copy.deepcopy(layers[0])
         assert copied._op_key != layers[0]._op_key and routed_op._LAYERS[copied._op_key]() is copied
     torch._dynamo.reset()
