@@ -329,6 +329,17 @@ def test_traces_fullgraph_under_torch_compile(cases, backend):
     torch._dynamo.reset()
 
 
+def _cuda_case(arch: str) -> tuple:
+    """A tiny UNet in fp16 on CUDA, a rank-8 LoRA on its attention projections and its inputs."""
+    unet = ARCHS[arch]().cuda().half()
+    deltas = {k: LowRank(down=v.down.cuda().half(), up=v.up.cuda().half(), alpha=v.alpha)
+              for k, v in random_lora(unet, attention_projection_names(unet), 8, seed=3).items()}
+    inputs = {k: v.cuda().half() if torch.is_tensor(v) and v.is_floating_point() else
+              ({a: b.cuda().half() for a, b in v.items()} if isinstance(v, dict) else v.cuda())
+              for k, v in tiny_unet_inputs(unet).items()}
+    return unet, deltas, inputs
+
+
 def test_auto_layers_run_their_eager_route_as_one_op_under_torch_compile(cases):
     """With backend 'auto', torch.compile sees each low-rank linear as one `routed_linear` node whose
     implementation is the layer's eager route; a copied layer gets a key of its own."""
@@ -373,12 +384,7 @@ def test_auto_layers_run_their_eager_route_as_one_op_under_torch_compile(cases):
 def test_routed_layers_under_inductor_on_cuda(mode):
     """On CUDA, Inductor (and its CUDA graphs with mode="reduce-overhead") runs each layer's routed op: the
     compiled UNet matches the eager one, step after step."""
-    unet = ARCHS["sdxl"]().cuda().half()
-    deltas = {k: LowRank(down=v.down.cuda().half(), up=v.up.cuda().half(), alpha=v.alpha)
-              for k, v in random_lora(unet, attention_projection_names(unet), 8, seed=3).items()}
-    inputs = {k: v.cuda().half() if torch.is_tensor(v) and v.is_floating_point() else
-              ({a: b.cuda().half() for a, b in v.items()} if isinstance(v, dict) else v.cuda())
-              for k, v in tiny_unet_inputs(unet).items()}
+    unet, deltas, inputs = _cuda_case("sdxl")
     torch._dynamo.reset()
     with torch.no_grad():
         plain = unet(**inputs).sample
@@ -479,12 +485,7 @@ def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, mo
 
     monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
     monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)
-    unet = ARCHS[arch]().cuda().half()
-    deltas = {k: LowRank(down=v.down.cuda().half(), up=v.up.cuda().half(), alpha=v.alpha)
-              for k, v in random_lora(unet, attention_projection_names(unet), 8, seed=3).items()}
-    inputs = {k: v.cuda().half() if torch.is_tensor(v) and v.is_floating_point() else
-              ({a: b.cuda().half() for a, b in v.items()} if isinstance(v, dict) else v.cuda())
-              for k, v in tiny_unet_inputs(unet).items()}
+    unet, deltas, inputs = _cuda_case(arch)
     with enable_npo(unet, deltas, mode="cfg", backend="auto", group_inputs=False):
         reference = _call(unet, inputs)
     with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
