@@ -121,6 +121,8 @@ def main() -> None:
         ("npo-merge apply, rank-64 LoRA (all UNet linear+conv), sha256 cache warm", lora_cmd, [target, lora], warm),
         ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache empty", full_cmd, [target, full], None),
         ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache warm", full_cmd, [target, full], warm),
+        ("npo-merge apply, full fp16 delta, sha256 cache warm, NPO_MERGE_DIRECT_IO=0 (output through the page cache)",
+         ["env", "NPO_MERGE_DIRECT_IO=0", *full_cmd], [target, full], warm),
     ]
     if args.before:
         older = ["env", f"PYTHONPATH={args.before.resolve()}", sys.executable, "-P", "-m", "npo_merge"]  # -P: not ./npo_merge

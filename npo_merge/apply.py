@@ -179,12 +179,17 @@ def _row_chunks(plan: ApplyPlan, key: str, info: TensorInfo) -> list[tuple[int, 
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
-def _row_deltas(plan: ApplyPlan, jobs: list[tuple[str, tuple[int, int]]]) -> Iterator[tuple[tuple[int, int], torch.Tensor, float]]:
-    """(rows, delta, scale) of each (canonical key, rows) in turn, in three buffer sets used round
-    robin, so an item stays intact while the two after it are made (what Prefetch keeps alive)."""
-    sets = [Buffers() for _ in range(3)]
-    for index, (key, rows) in enumerate(jobs):
-        yield (rows, *summed_delta(plan, key, rows, sets[index % 3]))
+def _row_deltas(plan: ApplyPlan, jobs: list[tuple[str, tuple[int, int]]]) -> Prefetch:
+    """(rows, delta, scale) of each (canonical key, rows) in turn, made ahead on two threads (a LoRA
+    chunk's product is most of apply's arithmetic), each result in a buffer set of its own slot."""
+    workers = 2
+    sets = [Buffers() for _ in range(workers + 2)]
+
+    def make(slot: int, job: tuple[str, tuple[int, int]]) -> tuple[tuple[int, int], torch.Tensor, float]:
+        key, rows = job
+        return (rows, *summed_delta(plan, key, rows, sets[slot]))
+
+    return Prefetch(make, jobs, workers)
 
 
 def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.dtype, writer: SafetensorsWriter,
@@ -225,7 +230,7 @@ def _write_streamed(plan: ApplyPlan, source: SafetensorsReader, names: list[str]
                     links: dict[tuple[int, str], KeyLink], writer: SafetensorsWriter, dtype: torch.dtype | None,
                     progress: Progress) -> None:
     """Write the tensors `names` of a safetensors file: untouched runs copied as bytes, touched
-    tensors streamed in row chunks (their deltas made a chunk ahead on a prefetch thread), the rest
+    tensors streamed in row chunks (their deltas made ahead on two prefetch threads), the rest
     (reshaped links, scalars) whole."""
     actions = []  # (info, link, spec, how)
     for name, spec in zip(names, specs):
@@ -238,7 +243,7 @@ def _write_streamed(plan: ApplyPlan, source: SafetensorsReader, names: list[str]
     jobs = [(link.canonical[0], rows) for info, link, _, how in actions if link and how == "rows"
             for rows in _row_chunks(plan, link.canonical[0], info)]
     buffers = Buffers()
-    with Prefetch(_row_deltas(plan, jobs)) as deltas:
+    with _row_deltas(plan, jobs) as deltas:
         run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
         for info, link, spec, how in actions:
             if how == "copy":

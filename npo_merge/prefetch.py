@@ -1,65 +1,58 @@
-"""Run an iterator on a background thread, one item ahead of its consumer (torch ops release the
-GIL, so on two cores making the next item overlaps with using this one)."""
+"""Make the next items on worker threads while the consumer uses this one (torch ops release the GIL,
+so on two cores the deltas of the next row chunks are made while this chunk is added and written)."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Generic, Iterable, Iterator, TypeVar
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
+_END = object()
 
 
-class Prefetch(Generic[T]):
-    """Iterate `items` in a worker thread. Besides the item in the consumer's hand, at most two are
-    alive: one waiting and one being made. Errors reach the consumer at the item that raised them.
-    Use as a context manager, so an early exit stops the worker."""
+class Prefetch(Generic[T, R]):
+    """`make(slot, item)` for each of `items` on `workers` threads, results handed out in order.
 
-    def __init__(self, items: Iterable[T]):
-        self._queue: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=1)
-        self._stop = threading.Event()
-        self._finished = False
-        self._thread = threading.Thread(target=self._run, args=(iter(items),), name="prefetch", daemon=True)
-        self._thread.start()
+    At most `workers + 1` results are made or waiting ahead of the one in the consumer's hand, and
+    `slot` (in range(slots)) differs between any two of them, so `make` may keep per-slot buffers.
+    Errors reach the consumer at the item that raised them. Use as a context manager, so an early exit
+    stops the workers (each finishes the item in hand).
+    """
 
-    def _run(self, items: Iterator[T]) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-            self._put((False, None))
-        except BaseException as exc:  # handed to the consumer
-            self._put((False, exc))
+    def __init__(self, make: Callable[[int, T], R], items: Iterable[T], workers: int = 1):
+        self.slots = workers + 2
+        self._make, self._items, self._made = make, iter(items), 0
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
+        self._ahead: deque[Future[R]] = deque()
+        for _ in range(workers + 1):
+            self._submit()
 
-    def _put(self, entry: tuple[bool, object]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _submit(self) -> None:
+        item = next(self._items, _END)
+        if item is not _END:
+            self._ahead.append(self._pool.submit(self._make, self._made % self.slots, item))
+            self._made += 1
 
-    def __iter__(self) -> "Prefetch[T]":
+    def __iter__(self) -> "Prefetch[T, R]":
         return self
 
-    def __next__(self) -> T:
-        if self._finished:
+    def __next__(self) -> R:
+        if not self._ahead:
             raise StopIteration
-        ok, value = self._queue.get()
-        if ok:
-            return value  # type: ignore[return-value]
-        self._finished = True
-        if value is None:
-            raise StopIteration
-        raise value  # type: ignore[misc]
+        result = self._ahead.popleft().result()
+        self._submit()  # its slot is the one of the item the consumer just gave back
+        return result
 
     def close(self) -> None:
-        """Stop the worker (it finishes the item in hand) and wait for it."""
-        self._stop.set()
-        self._thread.join()
+        """Stop the workers and wait for them."""
+        for future in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+        self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "Prefetch[T]":
+    def __enter__(self) -> "Prefetch[T, R]":
         return self
 
     def __exit__(self, *exc: object) -> None:

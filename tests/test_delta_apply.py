@@ -242,26 +242,18 @@ def test_disk_full_leaves_no_partial_output_and_inputs_intact(pair: dict[str, Pa
     hashes = {p: _sha(p) for p in (pair["base"], lora)}
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"an older result")
-    from npo_merge.io import safetensors_stream
+    from npo_merge.io import block_file
 
-    calls = {"n": 0}
-    write_all, copy_bytes = safetensors_stream.SafetensorsWriter._write_all, safetensors_stream.copy_bytes
+    monkeypatch.setattr(block_file, "BLOCK", 4 * block_file.ALIGN)  # many blocks: two fit, then the disk is full
+    calls, pwrite_all = {"n": 0}, block_file.pwrite_all
 
-    def disk_fills_up() -> None:  # after the header and 3 more writes or copies
+    def failing_write(fd, data, offset):
         calls["n"] += 1
-        if calls["n"] > 4:
+        if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite_all(fd, data, offset)
 
-    def failing_write(self, data):
-        disk_fills_up()
-        return write_all(self, data)
-
-    def failing_copy(*args):
-        disk_fills_up()
-        return copy_bytes(*args)
-
-    monkeypatch.setattr(safetensors_stream.SafetensorsWriter, "_write_all", failing_write)
-    monkeypatch.setattr(safetensors_stream, "copy_bytes", failing_copy)
+    monkeypatch.setattr(block_file, "pwrite_all", failing_write)
     with open_checkpoint(pair["base"]) as target, open_delta(lora) as delta:
         with pytest.raises(OSError):
             apply_plan(plan_apply(target, [Term(delta)]), out)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from npo_merge.errors import FormatError, InputError
+from npo_merge.io import block_file
 from npo_merge.io.atomic import atomic_output
 from npo_merge.io.safetensors_stream import SafetensorsReader, SafetensorsWriter, TensorSpec, read_header, save_tensors
 
@@ -123,27 +127,39 @@ def test_bad_headers_are_rejected_with_a_clear_message(tmp_path: Path, case: str
         read_header(path)
 
 
-def test_a_failing_background_write_surfaces_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of two pages, so a small file crosses many of them (and parts straddle their ends)."""
+    monkeypatch.setattr(block_file, "BLOCK", 2 * block_file.ALIGN)
+    monkeypatch.setattr(block_file, "_SLACK", block_file.ALIGN)
 
-    from npo_merge.io import safetensors_stream
 
-    original = safetensors_stream.SafetensorsWriter._write_all
-    calls = {"n": 0}
+def _many_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    many = {f"g{i}.weight": torch.randn(37 + 11 * i, 29, generator=gen).half() for i in range(12)}
+    many["h.wide"] = torch.randn(7, 3001, generator=gen)  # a row part longer than a block
+    many["i.odd"] = torch.randn(3, generator=gen).half()  # leaves the next tensor's start unaligned
+    many["j.f32"] = torch.randn(50, 9, generator=gen)
+    return {**_tensors(), **many}
 
-    def disk_full(self, data):  # the header and one tensor fit, then the disk is full
+
+def test_a_failing_background_write_surfaces_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                small_blocks: None) -> None:
+    original, calls = block_file.pwrite_all, {"n": 0}
+
+    def disk_full(fd, data, offset):  # two blocks fit, then the disk is full
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, data)
+        return original(fd, data, offset)
 
-    monkeypatch.setattr(safetensors_stream.SafetensorsWriter, "_write_all", disk_full)
+    monkeypatch.setattr(block_file, "pwrite_all", disk_full)
     specs = [TensorSpec(f"t{i}", torch.float32, (1024,)) for i in range(6)]
     with pytest.raises(OSError, match="No space left"):
         with SafetensorsWriter(tmp_path / "out.safetensors", specs) as writer:
             for spec in specs:
                 writer.write(spec.name, torch.ones(1024))
-    assert list(tmp_path.iterdir()) == []
+    assert calls["n"] > 2 and list(tmp_path.iterdir()) == []
 
 
 def _copy_and_parts(source: Path, out: Path) -> None:
@@ -164,30 +180,57 @@ def _copy_and_parts(source: Path, out: Path) -> None:
                     writer.write_part(name, part)
 
 
-@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "sendfile", "read and write"])
-def test_byte_copies_and_parts_write_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: str) -> None:
-    import errno
-    import os
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
 
-    def refused(*args: object) -> int:
-        raise OSError(errno.ENOSYS, "not here")
 
-    if kernel_copy != "copy_file_range":
-        monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
-    if kernel_copy == "read and write":
-        monkeypatch.setattr(os, "sendfile", refused, raising=False)
-    save_tensors(tmp_path / "src.safetensors", _tensors(), {"k": "v"})
+@pytest.mark.parametrize("way", ["direct", "buffered", "direct open refused", "direct writes refused"])
+def test_byte_copies_and_parts_write_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_blocks: None,
+                                                  way: str) -> None:
+    original, used = block_file.pwrite_all, {"direct": 0, "plain": 0}
+
+    def recording(fd, data, offset):
+        direct = _is_direct(fd)
+        if direct and way == "direct writes refused":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        assert offset % block_file.ALIGN == 0 and (not direct or len(data) % block_file.ALIGN == 0)
+        used["direct" if direct else "plain"] += 1
+        return original(fd, data, offset)
+
+    monkeypatch.setattr(block_file, "pwrite_all", recording)
+    if way == "direct open refused":  # as tmpfs or a network filesystem may
+        real_open = os.open
+
+        def refusing_open(path, flags, *args):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setenv("NPO_MERGE_DIRECT_IO", "0" if way == "buffered" else "1")
+    save_tensors(tmp_path / "src.safetensors", _many_tensors(), {"k": "v"})
     _copy_and_parts(tmp_path / "src.safetensors", tmp_path / "out.safetensors")
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "src.safetensors").read_bytes()
+    assert os.path.getsize(tmp_path / "src.safetensors") > 10 * block_file.BLOCK
+    try:  # does this filesystem take O_DIRECT at all?
+        os.close(os.open(tmp_path / "src.safetensors", os.O_RDONLY | os.O_DIRECT))
+        supported = True
+    except (OSError, AttributeError):
+        supported = False
+    if way == "direct" and supported:
+        assert used["direct"] > 10 and used["plain"] == 0
+    else:
+        assert used["direct"] == 0 and used["plain"] > 10
 
 
 def test_copy_of_a_shrunken_source_and_oversized_parts_fail_cleanly(tmp_path: Path) -> None:
-    from npo_merge.io.safetensors_stream import copy_bytes
-
-    (tmp_path / "short.bin").write_bytes(b"12345")
-    with open(tmp_path / "short.bin", "rb") as src, open(tmp_path / "dst.bin", "wb") as dst:
-        with pytest.raises(InputError, match="ended 5 bytes early"):
-            copy_bytes(src.fileno(), dst.fileno(), 0, 10)
+    save_tensors(tmp_path / "src.safetensors", {"a": torch.ones(100), "b": torch.ones(3)})
+    with SafetensorsReader(tmp_path / "src.safetensors") as reader:
+        start = reader["a"].start
+        os.truncate(tmp_path / "src.safetensors", start + 10)  # changed on disk meanwhile
+        with pytest.raises(InputError, match="ended 390 bytes early"):
+            with SafetensorsWriter(tmp_path / "out.safetensors", [TensorSpec("a", torch.float32, (100,))]) as writer:
+                writer.copy(["a"], reader.fileno(), start)
     spec = TensorSpec("x", torch.float32, (2, 3))
     with pytest.raises(InputError, match="exceed its declared 24 bytes"):
         with SafetensorsWriter(tmp_path / "out.safetensors", [spec]) as writer:
@@ -197,4 +240,4 @@ def test_copy_of_a_shrunken_source_and_oversized_parts_fail_cleanly(tmp_path: Pa
         with SafetensorsWriter(tmp_path / "out.safetensors", [spec]) as writer:
             writer.write_part("x", writer.staging(3, torch.float32).zero_())
             writer.write("x", torch.zeros(2, 3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "short.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]

@@ -9,6 +9,7 @@ whatever the user says (positive unless told otherwise).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,15 +95,11 @@ class Delta:
             stored = self._reader.tensor(key, rows)
             return stored if stored_dtype else stored.float()
         factors = self.lowrank(key.rsplit(".", 1)[0])
-        if rows is None:
-            return factors.to_dense()
-        up = factors.up[rows[0]:rows[1]].reshape(rows[1] - rows[0], factors.rank)
-        down = factors.down.reshape(factors.rank, -1)
-        shape = (rows[1] - rows[0], *factors.weight_shape[1:])
-        if buffers is None:
-            return ((up @ down) * factors.scale).reshape(shape)
-        out = buffers.get("delta", up.shape[0] * down.shape[1], torch.float32).view(up.shape[0], down.shape[1])
-        return torch.matmul(up, down, out=out).mul_(factors.scale).reshape(shape)
+        start, stop = rows if rows is not None else (0, factors.weight_shape[0])
+        out = None
+        if buffers is not None and rows is not None:
+            out = buffers.get("delta", (stop - start) * (math.prod(factors.weight_shape) // factors.weight_shape[0]), torch.float32)
+        return factors.dense_rows(start, stop, out)
 
     def lowrank(self, module: str) -> LowRank:
         """One module's factors (fp32); the last one read is kept, so row-chunked reads load it once."""

@@ -53,9 +53,17 @@ class LowRank:
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expand to the dense weight delta (computed in fp32, returned in `dtype`)."""
-        up = self.up.reshape(self.up.shape[0], self.rank).float()
+        return self.dense_rows(0, self.weight_shape[0]).to(dtype)
+
+    def dense_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the dense fp32 delta, scale * up[start:stop] @ down, as one GEMM with the
+        scale as its alpha (no pass of its own over the product). `out`: a flat fp32 buffer to hold it."""
+        up = self.up[start:stop].reshape(stop - start, self.rank).float()
         down = self.down.reshape(self.rank, -1).float()
-        return ((up @ down) * self.scale).reshape(self.weight_shape).to(dtype)
+        numel = up.shape[0] * down.shape[1]
+        flat = torch.empty(numel, dtype=torch.float32) if out is None else out[:numel]
+        product = flat.view(up.shape[0], down.shape[1]).addmm_(up, down, beta=0, alpha=self.scale)
+        return product.reshape(stop - start, *self.weight_shape[1:])
 
 
 @dataclass(frozen=True)

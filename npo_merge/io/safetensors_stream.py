@@ -8,14 +8,11 @@ tensor in hand resident: pages are released from this process after each read.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import mmap
 import os
-import queue
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping
@@ -24,6 +21,7 @@ import torch
 
 from npo_merge.errors import FormatError, InputError
 from npo_merge.io.atomic import AtomicTarget
+from npo_merge.io.block_file import BlockFile
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, torch.dtype] = {
@@ -283,58 +281,6 @@ class SafetensorsReader(Mapping[str, TensorInfo]):
         self.close()
 
 
-_RING = 3  # staging buffers: one being filled, one waiting in the queue, one being written
-
-
-@dataclass(frozen=True)
-class _Copy:
-    """Writer item: copy `length` bytes from `offset` of the (duplicated, writer-owned) fd."""
-
-    fd: int
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class _Part:
-    """Writer item: a filled staging view, and the ring buffer to give back once written."""
-
-    data: torch.Tensor
-    buffer: torch.Tensor
-
-
-def copy_bytes(src: int, dst: int, offset: int, length: int) -> None:
-    """Append bytes [offset, offset + length) of file `src` at the position of file `dst`.
-
-    copy_file_range copies inside the kernel (page cache to page cache, or a reflink); where the
-    platform or filesystem refuses it, sendfile, and failing that plain reads and writes.
-    """
-    done = 0
-    for name in ("copy_file_range", "sendfile"):
-        call = getattr(os, name, None)
-        try:
-            while call is not None and done < length:
-                count = (call(src, dst, length - done, offset + done) if name == "copy_file_range"
-                         else call(dst, src, offset + done, length - done))
-                if count == 0:
-                    break  # source ended early, or the call copies nothing here: the next way says which
-                done += count
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
-                raise
-    while done < length:
-        chunk = os.pread(src, min(_COPY_SLICE, length - done), offset + done)
-        if not chunk:
-            raise InputError(f"input ended {length - done} bytes early while copying; was it changed meanwhile?")
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view):]
-        done += len(chunk)
-
-
-_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """What will be written under one name: dtype and shape, declared before any data."""
@@ -378,11 +324,10 @@ class SafetensorsWriter:
     on any error the temporary file is removed and the destination is untouched. Same inputs give
     byte-identical files.
 
-    Bytes go to disk on a background thread (file writes release the GIL), so the caller computes
-    the next tensor while the last one is written; at most one item waits in between. A tensor
-    handed to `write()` must not be modified afterwards. Besides whole tensors, the writer takes
-    byte ranges of another file (`copy()`, copied inside the kernel) and tensors in parts
-    (`staging()` lends a buffer from a small ring, `write_part()` hands it back filled).
+    Bytes go out through a BlockFile: large aligned blocks written by background threads (O_DIRECT
+    where allowed) while the caller makes the next tensor. Besides whole tensors, the writer takes
+    byte ranges of another file (`copy()`) and tensors in parts (`staging()` lends a buffer, in
+    place in the output block where it fits, `write_part()` takes it back filled).
     """
 
     def __init__(self, path: str | os.PathLike[str], specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None):
@@ -393,55 +338,19 @@ class SafetensorsWriter:
         header, _ = _header_bytes(self._specs, self._metadata)
         self._header = header
         self._target = AtomicTarget(self.path)
-        self._pending: queue.Queue[torch.Tensor | _Copy | _Part | None] = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
         self._written = 0  # bytes of the current tensor handed over in parts so far
-        self._ring: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(_RING):
-            self._ring.put(torch.empty(0, dtype=torch.uint8))
-        self._lent: torch.Tensor | None = None
+        self._lent: torch.Tensor | None = None  # the buffer staging() lent, until write_part()
+        self._lent_in_place = False
+        self._scratch = torch.empty(0, dtype=torch.uint8)  # staging() when the part does not fit in place
         try:
-            # Unbuffered: tensors are large single writes, and Python's buffered writer slows them
-            # down by more than 2x on this kind of machine. "r+b", not "wb": the temporary file is
-            # new and empty, and truncating it anyway makes ext4 flush it to disk on close
-            # (auto_da_alloc), which cost 0.6 s for a 2 GB output here.
-            self._file = open(self._target.tmp, "r+b", buffering=0)
-            self._write_all(header)
+            self._out = BlockFile(self._target.tmp)
+            self._out.append(memoryview(header))
         except BaseException:
             self._target.discard()
             raise
-        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while (item := self._pending.get()) is not None:
-            try:
-                if self._error is None:
-                    if isinstance(item, _Copy):
-                        copy_bytes(item.fd, self._file.fileno(), item.offset, item.length)
-                    else:
-                        data = item.data if isinstance(item, _Part) else item
-                        self._write_all(data.view(-1).view(torch.uint8).numpy().data)  # no intermediate copy
-            except BaseException as exc:  # reported to the caller at its next write/close
-                self._error = exc
-            finally:
-                if isinstance(item, _Copy):
-                    os.close(item.fd)
-                elif isinstance(item, _Part):
-                    self._ring.put(item.buffer)
-
-    def _flush_pending(self) -> None:
-        """Wait until every handed-over tensor is on disk; re-raise a write error."""
-        if self._thread.is_alive():
-            self._pending.put(None)
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
 
     def _expect(self, name: str) -> TensorSpec:
-        """The declared spec of `name`, which must be the next tensor; re-raises a write error."""
-        if self._error is not None:
-            raise self._error
+        """The declared spec of `name`, which must be the next tensor."""
         if self._next >= len(self._specs):
             raise InputError(f"{self.path}: tensor {name!r} was not declared")
         spec = self._specs[self._next]
@@ -451,43 +360,45 @@ class SafetensorsWriter:
 
     def copy(self, names: list[str], fd: int, offset: int) -> None:
         """Write the next declared tensors `names` as the bytes that lie back to back from `offset`
-        in the open file `fd` (their declared sizes tell how many), copied inside the kernel."""
+        in the open file `fd` (their declared sizes tell how many)."""
         if self._written:
             raise InputError(f"{self.path}: tensor {self._specs[self._next].name!r} is only partly written")
         length = 0
         for name in names:
             length += self._expect(name).nbytes
             self._next += 1
-        if length:
-            self._pending.put(_Copy(os.dup(fd), offset, length))
+        self._out.append_from(fd, offset, length)
 
     def staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer of `numel` elements for the next part of a tensor: fill it, then write_part() it."""
-        if self._lent is None:
-            self._lent = self._ring.get()  # waits until the writer thread is done with one
         nbytes = numel * _itemsize(dtype)
-        if self._lent.numel() < nbytes:
-            self._lent = torch.empty(nbytes, dtype=torch.uint8)
-        return self._lent[:nbytes].view(dtype)
+        lent = self._out.view(nbytes, _itemsize(dtype))
+        self._lent_in_place = lent is not None
+        if lent is None:
+            if self._scratch.numel() < nbytes:
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+            lent = self._scratch[:nbytes]
+        self._lent = lent
+        return lent.view(dtype)
 
     def write_part(self, name: str, part: torch.Tensor) -> None:
         """Write the buffer from staging() as the next bytes of tensor `name` (parts in order; the
         tensor counts as written once its declared size is reached)."""
         spec = self._expect(name)
-        buffer, self._lent = self._lent, None
-        if buffer is None or part.data_ptr() != buffer.data_ptr() or part.dtype != spec.dtype:
-            if buffer is not None:
-                self._ring.put(buffer)
+        lent, self._lent = self._lent, None
+        if lent is None or part.data_ptr() != lent.data_ptr() or part.dtype != spec.dtype:
             raise ValueError(f"{self.path}: write_part() takes the {spec.dtype} buffer staging() lent")
         nbytes = part.numel() * part.element_size()
         if self._written + nbytes > spec.nbytes:
-            self._ring.put(buffer)
             raise InputError(f"{self.path}: parts of {name!r} exceed its declared {spec.nbytes} bytes")
         self._written += nbytes
         if self._written == spec.nbytes:
             self._written = 0
             self._next += 1
-        self._pending.put(_Part(part, buffer))
+        if self._lent_in_place:
+            self._out.advance(nbytes)
+        else:
+            self._out.append(lent[:nbytes].numpy().data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next declared tensor; dtype and shape must match the declaration."""
@@ -500,22 +411,16 @@ class SafetensorsWriter:
             )
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._pending.put(data)
+            self._out.append(data.view(-1).view(torch.uint8).numpy().data)  # no intermediate copy
         self._next += 1
 
-    def _write_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = self._file.write(view)
-            view = view[written:]
-
     def patch_metadata(self, key: str, value: str) -> None:
-        """Replace a metadata value written in the header by one of the same length.
+        """Replace a metadata value written in the header by one of the same length, once every
+        tensor is written.
 
         For values known only at the end (e.g. sha256 digests computed while streaming): write a
         placeholder of the final length up front, patch it before close().
         """
-        self._flush_pending()
         old = self._metadata.get(key)
         if old is None or len(json.dumps(old)) != len(json.dumps(value)):
             raise ValueError(f"metadata {key!r}: the patch must replace an existing value of the same length")
@@ -526,37 +431,30 @@ class SafetensorsWriter:
         replacement = json.dumps(key).encode() + b":" + json.dumps(value, ensure_ascii=False).encode()
         if len(replacement) != len(needle):
             raise ValueError(f"metadata {key!r}: the patch changes the header length")
+        self._out.finish()
         self._header = self._header[:position] + replacement + self._header[position + len(needle):]
         self._metadata[key] = value
-        self._file.seek(position)
-        self._write_all(replacement)
-        self._file.seek(0, os.SEEK_END)
+        self._out.pwrite(replacement, position)
 
     def close(self) -> None:
-        """Finish: check completeness, close, and rename into place."""
-        try:
-            self._flush_pending()
-        except BaseException:
-            self.abort()
-            raise
+        """Finish: check completeness, write out, close, and rename into place."""
         if self._next != len(self._specs):
             missing = self._specs[self._next].name
             self.abort()
             raise InputError(f"{self.path}: output incomplete, tensor {missing!r} was never written")
+        try:
+            self._out.finish()
+        except BaseException:
+            self.abort()
+            raise
         # No fsync, like cp, safetensors and diffusers: the rename makes the output appear whole or
         # not at all for an interrupted run; surviving a power cut is left to the filesystem.
-        self._file.close()
+        self._out.close()
         self._target.commit()
 
     def abort(self) -> None:
         """Discard everything written; the destination stays as it was."""
-        self._error = self._error or InputError("aborted")  # the writer thread skips what is left
-        try:
-            self._flush_pending()
-        except BaseException:
-            pass
-        if not self._file.closed:
-            self._file.close()
+        self._out.close()
         self._target.discard()
 
     def __enter__(self) -> "SafetensorsWriter":
