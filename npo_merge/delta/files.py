@@ -98,7 +98,7 @@ class Delta:
         start, stop = rows if rows is not None else (0, factors.weight_shape[0])
         out = None
         if buffers is not None and rows is not None:
-            out = buffers.get("delta", (stop - start) * (math.prod(factors.weight_shape) // factors.weight_shape[0]), torch.float32)
+            out = buffers.get("delta", math.prod((stop - start, *factors.weight_shape[1:])), torch.float32)
         return factors.dense_rows(start, stop, out)
 
     def lowrank(self, module: str) -> LowRank:

@@ -344,9 +344,13 @@ class SafetensorsWriter:
         self._scratch = torch.empty(0, dtype=torch.uint8)  # staging() when the part does not fit in place
         try:
             self._out = BlockFile(self._target.tmp)
-            self._out.append(memoryview(header))
         except BaseException:
             self._target.discard()
+            raise
+        try:
+            self._out.append(memoryview(header))
+        except BaseException:
+            self.abort()
             raise
 
     def _expect(self, name: str) -> TensorSpec:
