@@ -500,13 +500,10 @@ class SpooledWriter:
     def close(self) -> None:
         names = sorted(self._entries)
         try:
+            self._spool.flush()
             with SafetensorsWriter(self.path, [self._entries[n][0] for n in names], self.metadata) as writer:
                 for name in names:
-                    spec, offset = self._entries[name]
-                    self._spool.seek(offset)
-                    raw = bytearray(self._spool.read(spec.nbytes))
-                    tensor = torch.frombuffer(raw, dtype=spec.dtype) if raw else torch.empty(0, dtype=spec.dtype)
-                    writer.write(name, tensor.reshape(spec.shape))
+                    writer.copy([name], self._spool.fileno(), self._entries[name][1])
         finally:
             self.abort()
 
