@@ -49,6 +49,16 @@ def _pick(section, first, second, third):
     return chosen
 
 
+@triton.jit
+def _member_position(members, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, member, column tile) of this program. Grouped tile order over all members' column tiles:
+    GROUP_M row tiles of x stay in L2 while the members' columns sweep past them."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_all_n = _tile_position(tl.program_id(0), M, members * tiles_n, BLOCK_M, GROUP_M)
+    member = pid_all_n // tiles_n
+    return pid_m, member, pid_all_n - member * tiles_n
+
+
 @triton.jit(do_not_specialize=["n_uncond"])
 def _dual_linear_group_kernel(
     x_ptr, w0, w1, w2, b0, b1, b2, d0, d1, d2, u0, u1, u2, o0, o1, o2,
@@ -57,12 +67,7 @@ def _dual_linear_group_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Grouped tile order over all members' column tiles: GROUP_M row tiles of x stay in L2 while the
-    # members' columns sweep past them.
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_all_n = _tile_position(tl.program_id(0), M, MEMBERS * tiles_n, BLOCK_M, GROUP_M)
-    member = pid_all_n // tiles_n
-    pid_n = pid_all_n - member * tiles_n
+    pid_m, member, pid_n = _member_position(MEMBERS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     _member_tile(x_ptr, _pick(member, w0, w1, w2), _pick(member, b0, b1, b2), _pick(member, d0, d1, d2),
                  _pick(member, u0, u1, u2), _pick(member, o0, o1, o2), _pick(member, scale0, scale1, scale2),
                  pid_m, pid_n, M, N, K, R, n_uncond, stride_xm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
@@ -80,10 +85,7 @@ def _dual_linear_table_kernel(
     # Any number of members. Their weight, down, up and bias lie at element offsets (rows of an int64 table,
     # members apart; multiples of ALIGN elements, 16 bytes) from member 0's, which are the pointer arguments;
     # their scales are a float32 vector and their outputs lie back to back from out_ptr.
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_all_n = _tile_position(tl.program_id(0), M, members * tiles_n, BLOCK_M, GROUP_M)
-    member = pid_all_n // tiles_n
-    pid_n = pid_all_n - member * tiles_n
+    pid_m, member, pid_n = _member_position(members, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     w_ptr += tl.multiple_of(tl.load(table_ptr + member), ALIGN)
     down_ptr += tl.multiple_of(tl.load(table_ptr + members + member), ALIGN)
     up_ptr += tl.multiple_of(tl.load(table_ptr + 2 * members + member), ALIGN)
