@@ -415,7 +415,7 @@ class SafetensorsWriter:
             )
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._out.append(data.view(-1).view(torch.uint8).numpy().data)  # no intermediate copy
+            self._out.append(data.view(-1).view(torch.uint8).numpy().data)  # copied into the block now
         self._next += 1
 
     def patch_metadata(self, key: str, value: str) -> None:
