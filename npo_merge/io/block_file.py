@@ -1,10 +1,10 @@
 """Write a file front to back from large page-aligned blocks, with O_DIRECT where the filesystem allows.
 
 Why: pushing gigabytes through the page cache costs the kernel more CPU than the work that made the
-bytes on a machine short of cores. On the 2-core dev machine, `cp` of a 6.9 GB checkpoint took 13.8 to
-17.8 s, nearly all of it kernel time; the same bytes written with O_DIRECT from 16 MiB aligned blocks,
-two writes in flight, took 6.0 to 6.8 s with 1.6 to 1.8 s of kernel time (BENCHMARKS.md, "Apply").
-The bytes then go straight to the disk and leave the page cache (and the inputs in it) alone.
+bytes on a machine short of cores. On the 2-core dev machine, `cp` of a 6.9 GB checkpoint spent nearly
+all of its 6 to 18 s in the kernel; the same bytes written with O_DIRECT from 16 MiB aligned blocks, two
+writes in flight, took 6.0 to 6.8 s with under 2 s of kernel time (BENCHMARKS.md, "Apply"). The bytes
+then go straight to the disk and leave the page cache (and the inputs in it) alone.
 
 Callers fill blocks in place (`view` + `advance`), copy bytes in (`append`) or name a range of another
 file (`append_from`, read by the writer threads just before its block is written). Where O_DIRECT is
