@@ -10,6 +10,7 @@ single file with LDM/SGM names; a diffusers folder stays a folder with untouched
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -124,6 +125,40 @@ def summed_delta(plan: ApplyPlan, key: str, rows: tuple[int, int] | None = None,
     return total, 1.0
 
 
+def _lora_term(plan: ApplyPlan, key: str) -> Term | None:
+    """The term of `key` when it is the only one and a LoRA, else None."""
+    indices = plan.touched[key]
+    term = plan.terms[indices[0]]
+    return term if len(indices) == 1 and term.delta.kind != "full" else None
+
+
+# A bound on the product's entries below fp32's largest value (3.4e38) proves them finite.
+_FINITE_BOUND = 1e38
+
+
+def _add_lora_rows(term: Term, key: str, rows: tuple[int, int], into: torch.Tensor) -> bool:
+    """into (rows [start, stop) of the target in fp32, 2-D) += scale * up[rows] @ down, as one GEMM that
+    accumulates into them: no product tensor and no add pass of its own.
+
+    The NaN/Inf check runs on the factors: finite factors whose |entries| bound the product's below
+    _FINITE_BOUND give a finite delta. Where the bound does not hold, returns False with `into`
+    untouched, and the caller checks the product itself (summed_delta).
+    """
+    factors = term.delta.lowrank(key.rsplit(".", 1)[0])
+    up = factors.up[rows[0]:rows[1]].reshape(rows[1] - rows[0], factors.rank)
+    down = factors.down.reshape(factors.rank, -1)
+    alpha = term.scale * factors.scale
+    bound = 0.0
+    if up.numel() and down.numel():
+        bound = float(torch.linalg.vector_norm(up, math.inf)) * float(torch.linalg.vector_norm(down, math.inf))
+    if not math.isfinite(bound):
+        raise InputError(f"{term.delta.path}: delta for {key!r} contains NaN or Inf; refusing to apply it")
+    if bound * factors.rank * abs(alpha) >= _FINITE_BOUND:
+        return False
+    into.addmm_(up, down, alpha=alpha)
+    return True
+
+
 def _add_in_chunks(plan: ApplyPlan, key: str, tensor: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """tensor + delta a row chunk at a time, computed in fp32 and rounded once into `out_dtype`.
 
@@ -139,8 +174,14 @@ def _add_in_chunks(plan: ApplyPlan, key: str, tensor: torch.Tensor, out_dtype: t
     out = tensor if same_dtype else torch.empty(tensor.shape, dtype=out_dtype)
     rows = tensor.shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, tensor[0].numel()))
+    lora = _lora_term(plan, key)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
+        if lora is not None:
+            wide = tensor[start:stop].to(torch.float32, copy=True)
+            if _add_lora_rows(lora, key, (start, stop), wide.view(stop - start, -1)):
+                out[start:stop] = wide
+                continue
         delta, scale = summed_delta(plan, key, (start, stop))
         if same_dtype and delta.dtype == tensor.dtype and scale == 1.0:
             tensor[start:stop].add_(delta)
@@ -179,24 +220,39 @@ def _row_chunks(plan: ApplyPlan, key: str, info: TensorInfo) -> list[tuple[int, 
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
-def _row_deltas(plan: ApplyPlan, jobs: list[tuple[str, tuple[int, int]]]) -> Prefetch:
-    """(rows, delta, scale) of each (canonical key, rows) in turn, made ahead on two threads (a LoRA
-    chunk's product is most of apply's arithmetic), each result in a buffer set of its own slot."""
+def _row_deltas(plan: ApplyPlan, source: SafetensorsReader,
+                jobs: list[tuple[str, tuple[int, int], TensorInfo]]) -> Prefetch:
+    """For each (canonical key, rows, target tensor) in turn, (rows, delta, scale) made ahead on two
+    threads (a LoRA chunk's product is most of apply's arithmetic), each in a buffer set of its own
+    slot. Where a LoRA is the key's only term, the thread reads the target rows too and returns
+    their fp32 sum with the delta, scale None (`_add_lora_rows`)."""
     workers = 2
     sets = [Buffers() for _ in range(workers + 2)]
 
-    def make(slot: int, job: tuple[str, tuple[int, int]]) -> tuple[tuple[int, int], torch.Tensor, float]:
-        key, rows = job
-        return (rows, *summed_delta(plan, key, rows, sets[slot]))
+    def make(slot: int, job: tuple[str, tuple[int, int], TensorInfo]) -> tuple[tuple[int, int], torch.Tensor, float | None]:
+        key, rows, info = job
+        buffers = sets[slot]
+        lora = _lora_term(plan, key)
+        if lora is not None:
+            numel = (rows[1] - rows[0]) * (info.numel // info.shape[0])
+            wide = buffers.get("sum", numel, torch.float32)
+            if info.dtype == torch.float32:
+                source.read_into(info.name, wide, rows)
+            else:
+                wide.copy_(source.read_into(info.name, buffers.get("target", numel, info.dtype), rows).view(-1))
+            if _add_lora_rows(lora, key, rows, wide.view(rows[1] - rows[0], -1)):
+                return rows, wide.view(rows[1] - rows[0], *info.shape[1:]), None
+        return (rows, *summed_delta(plan, key, rows, buffers))
 
     return Prefetch(make, jobs, workers)
 
 
 def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.dtype, writer: SafetensorsWriter,
-                 buffers: Buffers, deltas: Iterator[tuple[tuple[int, int], torch.Tensor, float]]) -> None:
+                 buffers: Buffers, deltas: Iterator[tuple[tuple[int, int], torch.Tensor, float | None]]) -> None:
     """_add_in_chunks for a tensor of a safetensors file, without a whole-tensor copy: each row chunk
     (the next of `deltas`, up to the last row) is read into a reused buffer, added to its delta with
-    the same arithmetic as _add_in_chunks (so the same bytes), and written from a staging buffer."""
+    the same arithmetic as _add_in_chunks (so the same bytes), and written from a staging buffer. A
+    chunk with scale None already is the sum (in fp32) and is only cast."""
     row, stop = info.numel // info.shape[0], 0
     step = max(1, _READ_CHUNK_ELEMENTS // max(1, row))  # a LoRA chunk is added in cache-sized parts
     while stop < info.shape[0]:
@@ -205,7 +261,9 @@ def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.d
             last = min(stop, first + step)
             delta = chunk[first - start:last - start].reshape(-1)
             out = writer.staging(delta.numel(), out_dtype)
-            if out_dtype == info.dtype and delta.dtype == info.dtype and scale == 1.0:
+            if scale is None:
+                out.copy_(delta)
+            elif out_dtype == info.dtype and delta.dtype == info.dtype and scale == 1.0:
                 source.read_into(info.name, out, (first, last))
                 out.add_(delta)
             else:
@@ -240,10 +298,10 @@ def _write_streamed(plan: ApplyPlan, source: SafetensorsReader, names: list[str]
         else:
             how = "rows" if link.transform == "same" and info.numel and info.shape else "whole"
         actions.append((info, link, spec, how))
-    jobs = [(link.canonical[0], rows) for info, link, _, how in actions if link and how == "rows"
+    jobs = [(link.canonical[0], rows, info) for info, link, _, how in actions if link and how == "rows"
             for rows in _row_chunks(plan, link.canonical[0], info)]
     buffers = Buffers()
-    with _row_deltas(plan, jobs) as deltas:
+    with _row_deltas(plan, source, jobs) as deltas:
         run: list[TensorInfo] = []  # untouched tensors lying back to back in the file, copied in one go
         for info, link, spec, how in actions:
             if how == "copy":

@@ -206,10 +206,17 @@ def test_wrong_architecture_shape_mismatch_nan_and_no_match(pair: dict[str, Path
                layout="kohya", architecture="sd1", dtype=torch.float32)
     nan = LowRank(torch.full((2, 16), float("nan")), torch.randn(16, 2, generator=gen), 2.0)
     write_lora(tmp_path / "nan.safetensors", [(q, nan)], layout="kohya", architecture="sd1", dtype=torch.float32)
+    inf = LowRank(torch.randn(2, 16, generator=gen), torch.full((16, 2), float("-inf")), 2.0)
+    write_lora(tmp_path / "inf.safetensors", [(q, inf)], layout="kohya", architecture="sd1", dtype=torch.float32)
+    # finite factors whose product overflows fp32: the factor check cannot vouch for it, the product check finds it
+    huge = LowRank(torch.full((2, 16), 1e30), torch.full((16, 2), 1e30), 2.0)
+    write_lora(tmp_path / "overflow.safetensors", [(q, huge)], layout="kohya", architecture="sd1", dtype=torch.float32)
     cases = {
         "xl.safetensors": "delta is for sdxl, target",
         "shape.safetensors": "shape mismatch",
         "nan.safetensors": "NaN or Inf",
+        "inf.safetensors": "NaN or Inf",
+        "overflow.safetensors": "NaN or Inf",
     }
     for name, message in cases.items():
         out = tmp_path / f"out-{name}"

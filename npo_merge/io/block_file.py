@@ -2,8 +2,8 @@
 
 Why: pushing gigabytes through the page cache costs the kernel more CPU than the work that made the
 bytes on a machine short of cores. On the 2-core dev machine, `cp` of a 6.9 GB checkpoint spent nearly
-all of its 6 to 18 s in the kernel; the same bytes written with O_DIRECT from 16 MiB aligned blocks, two
-writes in flight, took 6.0 to 6.8 s with under 2 s of kernel time (BENCHMARKS.md, "Apply"). The bytes
+all of its 6 to 18 s in the kernel; the same bytes written with O_DIRECT from aligned blocks, two writes
+in flight, took 4.8 to 11 s with under 2.1 s of kernel time (BENCHMARKS.md, "Apply"). The bytes
 then go straight to the disk and leave the page cache (and the inputs in it) alone.
 
 Callers fill blocks in place (`view` + `advance`), copy bytes in (`append`) or name a range of another
@@ -25,7 +25,10 @@ import torch
 from npo_merge.errors import InputError
 
 ALIGN = 4096  # O_DIRECT wants buffer addresses, file offsets and lengths in multiples of the block size
-BLOCK = 16 * 1024 * 1024  # a block is handed to a writer thread once it holds this many bytes
+# A block is handed to a writer thread once it holds this many bytes. cpu2, 6.9 GB written, two in flight:
+# 16 MiB blocks 6.8-11.0 s, 64 MiB 4.8-6.3 s (more bytes in flight keep the disk busier); apply of the
+# SDXL full delta 7.9-14.4 s against 8.5-9.7 s, of a rank-64 LoRA 11.4-13.0 s against 11.0-12.2 s.
+BLOCK = 64 * 1024 * 1024
 _SLACK = 8 * 1024 * 1024  # room past BLOCK for an in-place part that starts below it
 _DEPTH = 2  # writes in flight: one alone left the disk idle half the time (16.5 s against 6.8 s for 6.9 GB)
 _ENV = "NPO_MERGE_DIRECT_IO"  # "0" turns O_DIRECT off
