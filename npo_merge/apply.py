@@ -145,8 +145,7 @@ def _add_lora_rows(term: Term, key: str, rows: tuple[int, int], into: torch.Tens
     untouched, and the caller checks the product itself (summed_delta).
     """
     factors = term.delta.lowrank(key.rsplit(".", 1)[0])
-    up = factors.up[rows[0]:rows[1]].reshape(rows[1] - rows[0], factors.rank)
-    down = factors.down.reshape(factors.rank, -1)
+    up, down = factors.row_factors(*rows)
     alpha = term.scale * factors.scale
     bound = 0.0
     if up.numel() and down.numel():
@@ -220,6 +219,15 @@ def _row_chunks(plan: ApplyPlan, key: str, info: TensorInfo) -> list[tuple[int, 
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+def _read_rows_fp32(source: SafetensorsReader, info: TensorInfo, rows: tuple[int, int], buffers: Buffers) -> torch.Tensor:
+    """Rows [start, stop) of a target tensor as a flat fp32 tensor in `buffers` (read straight in when fp32)."""
+    numel = (rows[1] - rows[0]) * (info.numel // info.shape[0])
+    wide = buffers.get("fp32", numel, torch.float32)
+    if info.dtype == torch.float32:
+        return source.read_into(info.name, wide, rows).view(-1)
+    return wide.copy_(source.read_into(info.name, buffers.get("target", numel, info.dtype), rows).view(-1))
+
+
 def _row_deltas(plan: ApplyPlan, source: SafetensorsReader,
                 jobs: list[tuple[str, tuple[int, int], TensorInfo]]) -> Prefetch:
     """For each (canonical key, rows, target tensor) in turn, (rows, delta, scale) made ahead on two
@@ -234,12 +242,7 @@ def _row_deltas(plan: ApplyPlan, source: SafetensorsReader,
         buffers = sets[slot]
         lora = _lora_term(plan, key)
         if lora is not None:
-            numel = (rows[1] - rows[0]) * (info.numel // info.shape[0])
-            wide = buffers.get("sum", numel, torch.float32)
-            if info.dtype == torch.float32:
-                source.read_into(info.name, wide, rows)
-            else:
-                wide.copy_(source.read_into(info.name, buffers.get("target", numel, info.dtype), rows).view(-1))
+            wide = _read_rows_fp32(source, info, rows, buffers)
             if _add_lora_rows(lora, key, rows, wide.view(rows[1] - rows[0], -1)):
                 return rows, wide.view(rows[1] - rows[0], *info.shape[1:]), None
         return (rows, *summed_delta(plan, key, rows, buffers))
@@ -267,8 +270,7 @@ def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.d
                 source.read_into(info.name, out, (first, last))
                 out.add_(delta)
             else:
-                tensor = source.read_into(info.name, buffers.get("target", out.numel(), info.dtype), (first, last)).view(-1)
-                wide = tensor if tensor.dtype == torch.float32 else buffers.get("fp32", out.numel(), torch.float32).copy_(tensor)
+                wide = _read_rows_fp32(source, info, (first, last), buffers)
                 if delta.dtype != torch.float32:
                     delta = buffers.get("delta32", out.numel(), torch.float32).copy_(delta)
                 out.copy_(wide.add_(delta, alpha=scale))
@@ -276,8 +278,8 @@ def _stream_rows(source: SafetensorsReader, info: TensorInfo, out_dtype: torch.d
 
 
 def _copy_run(writer: SafetensorsWriter, source: SafetensorsReader, run: list[TensorInfo], progress: Progress) -> list[TensorInfo]:
-    """Copy untouched tensors lying back to back in `source` into the output as they are, inside the
-    kernel; returns an empty run."""
+    """Copy untouched tensors lying back to back in `source` into the output as they are (the writer's
+    threads read the bytes into its blocks); returns an empty run."""
     if run:
         writer.copy([info.name for info in run], source.fileno(), run[0].start)
         progress.update(len(run))

@@ -55,11 +55,15 @@ class LowRank:
         """Expand to the dense weight delta (computed in fp32, returned in `dtype`)."""
         return self.dense_rows(0, self.weight_shape[0]).to(dtype)
 
+    def row_factors(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up[start:stop], down) as 2-D fp32 matrices: their product is rows [start, stop) of the delta
+        before the scale (conv factors flattened)."""
+        return self.up[start:stop].reshape(stop - start, self.rank).float(), self.down.reshape(self.rank, -1).float()
+
     def dense_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of the dense fp32 delta, scale * up[start:stop] @ down, as one GEMM with the
         scale as its alpha (no pass of its own over the product). `out`: a flat fp32 buffer to hold it."""
-        up = self.up[start:stop].reshape(stop - start, self.rank).float()
-        down = self.down.reshape(self.rank, -1).float()
+        up, down = self.row_factors(start, stop)
         numel = up.shape[0] * down.shape[1]
         flat = torch.empty(numel, dtype=torch.float32) if out is None else out[:numel]
         product = flat.view(up.shape[0], down.shape[1]).addmm_(up, down, beta=0, alpha=self.scale)
