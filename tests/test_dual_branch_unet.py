@@ -522,3 +522,132 @@ def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
         torch.testing.assert_close(compiled(x, encoder_hidden_states=text, return_dict=False)[0], eager,
                                    rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def _torch_expand_rescale(y, up, scale, n_uncond, factor, out):
+    """What kernels.expand_rescale computes, with torch ops (the UNet tests run without the Triton kernel)."""
+    n = up.shape[0]
+    result = y[:, :n].clone()
+    result[:n_uncond] += scale * (y[:n_uncond, n:] @ up.t())
+    out.copy_(result / factor)
+
+
+class _TorchStoreLaunch:
+    def __init__(self, y, up, n_uncond, direct):
+        self.n_uncond = n_uncond
+
+    def __call__(self, y, up, scale, factor):
+        out = y.new_empty((y.shape[0], up.shape[0]))
+        _torch_expand_rescale(y, up, scale, self.n_uncond, factor, out)
+        return out
+
+
+def _auto_backend(handle) -> None:
+    for module in handle.modules.values():
+        if hasattr(module, "set_backend"):
+            module.set_backend("auto")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("coverage", COVERAGE)
+def test_attention_processor_applies_to_out_update_in_the_rescale_pass(cases, arch, coverage, monkeypatch):
+    """Every attention whose to_out is covered gets an NpoAttnProcessor; each call's output comes from the joint
+    GEMM and the store (none from the layer's own path) and equals two UNets; modes, a rescale factor, an
+    attention mask, and removal give the original processor's results."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from npo_merge.guidance import attention_processor
+
+    unet, deltas, inputs, reference, plain = cases[arch, coverage]
+    monkeypatch.setattr(attention_processor, "_store_kernels", lambda: (_TorchStoreLaunch, _torch_expand_rescale, True))
+    served = Counter()
+    store = attention_processor.NpoAttnProcessor._store
+
+    def counting(self, layer, x, factor):
+        y = store(self, layer, x, factor)
+        served[y is not None] += 1
+        return y
+
+    monkeypatch.setattr(attention_processor.NpoAttnProcessor, "_store", counting)
+    attentions = [m for m in unet.modules() if type(m).__name__ == "Attention"]
+    with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
+        _auto_backend(handle)
+        assert attention_processor.install_processors(unet) == len(attentions)
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+        assert served == {True: len(attentions)}
+        set_branch_mode(unet, "cond")  # no uncond rows: the layer's own path
+        assert max_rel_err(_call(unet, inputs), plain) < 1e-5
+        set_branch_mode(unet, "cfg")
+        attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
+        h, text = torch.randn(2, 16, attn.query_dim), torch.randn(2, 8, attn.cross_attention_dim)
+        mask = torch.zeros(2, 1, 8)
+        mask[0, 0, 5:] = -10000.0  # the uncond row ignores its last text tokens
+        attn.rescale_output_factor = 2.0
+        try:
+            with torch.no_grad():
+                ours = attn(h, encoder_hidden_states=text, attention_mask=mask)
+                assert served[True] == len(attentions) + 1  # the new shape and factor were served too
+                theirs = AttnProcessor2_0()(attn, h, encoder_hidden_states=text, attention_mask=mask)
+        finally:
+            attn.rescale_output_factor = 1.0
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert all(type(a.processor) is AttnProcessor2_0 for a in attentions)
+    assert max_rel_err(_call(unet, inputs), plain) < 1e-6
+
+
+def test_attention_processor_is_installed_by_enable_npo_and_leaves_other_processors(cases):
+    """enable_npo installs the processor only on CUDA's backend 'auto' (counted in the handle), never over a
+    processor other than AttnProcessor2_0, and fused_out=False turns it off."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from npo_merge.guidance import attention_processor
+
+    unet, deltas, _, _, _ = cases["sd15", "attention"]
+    with enable_npo(unet, deltas, mode="cfg") as handle:  # CPU: backend 'torch', no processors
+        assert "NpoAttnProcessor" not in handle.counts
+        _auto_backend(handle)
+        attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+        original = attn.processor
+        attn.set_processor(AttnProcessor())
+        try:
+            installed = attention_processor.install_processors(unet)
+            assert installed == sum(type(m).__name__ == "Attention" for m in unet.modules()) - 1
+            assert type(attn.processor) is AttnProcessor
+        finally:
+            attn.set_processor(original)
+    assert not any(isinstance(getattr(m, "processor", None), attention_processor.NpoAttnProcessor)
+                   for m in unet.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_processor_with_the_triton_store_eager_and_in_a_cuda_graph(arch, monkeypatch):
+    """On CUDA (fp16) enable_npo installs the processor and the Triton store serves every call (its timing
+    against the layer's own path skipped); the result matches the layers' own paths, and a CUDA graph captured
+    after an eager call replays it."""
+    from npo_merge.guidance import attention_processor
+
+    monkeypatch.setattr(attention_processor, "_fastest_on_gpu", lambda calls, device: 0)
+    served = Counter()
+    store = attention_processor.NpoAttnProcessor._store
+
+    def counting(self, layer, x, factor):
+        y = store(self, layer, x, factor)
+        served[y is not None] += 1
+        return y
+
+    monkeypatch.setattr(attention_processor.NpoAttnProcessor, "_store", counting)
+    unet, deltas, inputs = _cuda_case(arch)
+    with enable_npo(unet, deltas, mode="cfg", backend="auto", fused_out=False):
+        reference = _call(unet, inputs)
+    with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
+        assert handle.counts["NpoAttnProcessor"] == sum(type(m).__name__ == "Attention" for m in unet.modules())
+        eager = _call(unet, inputs)
+        assert served == {True: handle.counts["NpoAttnProcessor"]}
+        assert max_rel_err(eager, reference) < 1e-2
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            captured = unet(**inputs).sample
+        graph.replay()
+        torch.cuda.synchronize()
+        assert max_rel_err(captured, eager) < 1e-3

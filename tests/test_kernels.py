@@ -623,3 +623,26 @@ def test_triton_norm_shrink_matches_float64(dtype, rank, width):
         assert torch.equal(flat[:, c + rank:], torch.zeros_like(flat[:, c + rank:]))
         again = NormShrinkLaunch(h, width, rank, n_uncond, 1e-5, direct)(h, gamma, beta, down, scales)
         assert torch.equal(again, out)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rank", [8, 40])
+def test_triton_expand_rescale_matches_float64(dtype, rank):
+    """(y + scale * t up^T on uncond rows) / factor, y and t read from one strided joint buffer: against float64
+    on both branches, cond rows exactly torch's y / factor, every element written (NaN-poisoned output)."""
+    from npo_merge.guidance.kernels.expand_rescale import ExpandRescaleLaunch, expand_rescale
+
+    gen = torch.Generator().manual_seed(6)
+    rows, n = 150, 200  # 3 row tiles of 64 and 2 column tiles of 128, both with a partial last tile
+    joint = torch.randn(rows, n + rank, generator=gen).to(dtype).to(DEVICE)  # [y | t]: t as large as y
+    up = (torch.randn(n, rank, generator=gen) * rank**-0.5).to(dtype).to(DEVICE)
+    for n_uncond in (0, 64, 70, rows):
+        out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+        direct = expand_rescale(joint, up, SCALE, n_uncond, 2.0, out)
+        ref = joint[:, :n].double().clone()
+        ref[:n_uncond] += SCALE * joint[:n_uncond, n:].double() @ up.double().t()
+        _assert_branches_close(out, ref / 2.0, n_uncond, TOLERANCE[dtype])
+        assert torch.equal(out[n_uncond:], joint[n_uncond:, :n] / 2.0)
+        again = ExpandRescaleLaunch(joint, up, n_uncond, direct)(joint, up, SCALE, 2.0)
+        assert torch.equal(again, out)

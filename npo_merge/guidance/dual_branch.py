@@ -756,6 +756,9 @@ class DualBranchLinear(DualBranchLayer):
         if name == "fused":
             binder = fused_binder()
             bound = binder(x, weight, bias, down, up, rows) if binder is not None else None
+            if bound is None and binder is not None and x.is_cuda and not capturing:  # binds once the kernel ran for it
+                paths["fused"](x, weight, bias, down, up, self.scale)
+                bound = binder(x, weight, bias, down, up, rows)
             return bound or paths["fused"]
         return paths[name]
 

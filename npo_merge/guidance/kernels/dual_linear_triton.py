@@ -287,18 +287,20 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return bits % 16 == 0
 
 
-def _direct_launcher(compiled: object, grid: int) -> Callable[..., None] | None:
+def _direct_launcher(compiled: object, grid: int | tuple[int, int]) -> Callable[..., None] | None:
     """launch(stream, *kernel_args) for a compiled kernel with no Python between the caller and the driver,
-    or None where this Triton's compiled kernels do not look as expected (then kernel[grid] it stays)."""
+    or None where this Triton's compiled kernels do not look as expected (then kernel[grid] it stays).
+    `grid`: the number of programs, or (programs along axis 0, along axis 1)."""
     run = getattr(compiled, "run", None)  # the launcher; absent under the interpreter
     function, metadata = getattr(compiled, "function", None), getattr(compiled, "packed_metadata", None)
     if run is None or function is None or metadata is None:
         return None
+    gx, gy = (grid, 1) if isinstance(grid, int) else grid
     launch = getattr(run, "launch", None)
     if launch is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
-        return lambda stream, *args: run(grid, 1, 1, stream, function, metadata, None, None, None, *args)
+        return lambda stream, *args: run(gx, gy, 1, stream, function, metadata, None, None, None, *args)
     cooperative, pdl = run.launch_cooperative_grid, run.launch_pdl
-    return lambda stream, *args: launch(grid, 1, 1, stream, function, cooperative, pdl, None, None, metadata,
+    return lambda stream, *args: launch(gx, gy, 1, stream, function, cooperative, pdl, None, None, metadata,
                                         None, None, None, *args)
 
 
