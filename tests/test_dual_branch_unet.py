@@ -329,11 +329,11 @@ def test_traces_fullgraph_under_torch_compile(cases, backend):
     torch._dynamo.reset()
 
 
-def _cuda_case(arch: str) -> tuple:
-    """A tiny UNet in fp16 on CUDA, a rank-8 LoRA on its attention projections and its inputs."""
+def _cuda_case(arch: str, coverage: str = "attention") -> tuple:
+    """A tiny UNet in fp16 on CUDA, a rank-8 LoRA on its attention projections (or every layer) and its inputs."""
     unet = ARCHS[arch]().cuda().half()
     deltas = {k: LowRank(down=v.down.cuda().half(), up=v.up.cuda().half(), alpha=v.alpha)
-              for k, v in random_lora(unet, attention_projection_names(unet), 8, seed=3).items()}
+              for k, v in random_lora(unet, COVERAGE[coverage][0](unet), 8, seed=3).items()}
     inputs = {k: v.cuda().half() if torch.is_tensor(v) and v.is_floating_point() else
               ({a: b.cuda().half() for a, b in v.items()} if isinstance(v, dict) else v.cuda())
               for k, v in tiny_unet_inputs(unet).items()}
@@ -524,21 +524,22 @@ def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
     torch._dynamo.reset()
 
 
-def _torch_expand_rescale(y, up, scale, n_uncond, factor, out):
-    """What kernels.expand_rescale computes, with torch ops (the UNet tests run without the Triton kernel)."""
-    n = up.shape[0]
-    result = y[:, :n].clone()
-    result[:n_uncond] += scale * (y[:n_uncond, n:] @ up.t())
-    out.copy_(result / factor)
+def _torch_expand_store(y, up, scale, n_uncond, factor, gated, out):
+    """What kernels.expand_store computes, with torch ops (the UNet tests run without the Triton kernel)."""
+    width = up.shape[0]
+    full = y[:, :width].clone()
+    full[:n_uncond] += scale * (y[:n_uncond, width:] @ up.t())
+    n = out.shape[1]
+    out.copy_(full[:, :n] * torch.nn.functional.gelu(full[:, n:]) if gated else full / factor)
 
 
 class _TorchStoreLaunch:
-    def __init__(self, y, up, n_uncond, direct):
-        self.n_uncond = n_uncond
+    def __init__(self, y, up, n_out, n_uncond, gated, direct):
+        self.n_out, self.n_uncond, self.gated = n_out, n_uncond, gated
 
-    def __call__(self, y, up, scale, factor):
-        out = y.new_empty((y.shape[0], up.shape[0]))
-        _torch_expand_rescale(y, up, scale, self.n_uncond, factor, out)
+    def __call__(self, y, up, scale, factor=1.0):
+        out = y.new_empty((y.shape[0], self.n_out))
+        _torch_expand_store(y, up, scale, self.n_uncond, factor, self.gated, out)
         return out
 
 
@@ -548,34 +549,47 @@ def _auto_backend(handle) -> None:
             module.set_backend("auto")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("coverage", COVERAGE)
-def test_attention_processor_applies_to_out_update_in_the_rescale_pass(cases, arch, coverage, monkeypatch):
-    """Every attention whose to_out is covered gets an NpoAttnProcessor; each call's output comes from the joint
-    GEMM and the store (none from the layer's own path) and equals two UNets; modes, a rescale factor, an
-    attention mask, and removal give the original processor's results."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+def _count_stores(monkeypatch) -> Counter:
+    """Counts OutputStore calls by whether the store served them (True) or left them to the usual code."""
+    from npo_merge.guidance import output_store
 
-    from npo_merge.guidance import attention_processor
-
-    unet, deltas, inputs, reference, plain = cases[arch, coverage]
-    monkeypatch.setattr(attention_processor, "_store_kernels", lambda: (_TorchStoreLaunch, _torch_expand_rescale, True))
     served = Counter()
-    store = attention_processor.NpoAttnProcessor._store
+    call = output_store.OutputStore.__call__
 
-    def counting(self, layer, x, factor):
-        y = store(self, layer, x, factor)
-        served[y is not None] += 1
+    def counting(self, layer, x, usual, factor=1.0):
+        y = call(self, layer, x, usual, factor)
+        served[self.gated, y is not None] += 1
         return y
 
-    monkeypatch.setattr(attention_processor.NpoAttnProcessor, "_store", counting)
+    monkeypatch.setattr(output_store.OutputStore, "__call__", counting)
+    return served
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("coverage", COVERAGE)
+def test_output_stores_apply_the_update_in_the_pass_that_reads_the_output(cases, arch, coverage, monkeypatch):
+    """Every attention whose to_out is covered gets an NpoAttnProcessor and, where the feed-forward is covered,
+    every GEGLU an NpoGEGLU; each call comes from the joint GEMM and the store (none from the usual code) and
+    equals two UNets; state_dict, modes, a rescale factor, an attention mask and removal stay exact."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from npo_merge.guidance import output_store
+
+    unet, deltas, inputs, reference, plain = cases[arch, coverage]
+    monkeypatch.setattr(output_store, "_store_kernels", lambda: (_TorchStoreLaunch, _torch_expand_store, True))
+    served = _count_stores(monkeypatch)
     attentions = [m for m in unet.modules() if type(m).__name__ == "Attention"]
+    gates = len([m for m in unet.modules() if type(m) is GEGLU]) if coverage == "all" else 0
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
     with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
         _auto_backend(handle)
-        assert attention_processor.install_processors(unet) == len(attentions)
+        counts = output_store.install_output_stores(unet)
+        assert counts == {"NpoAttnProcessor": len(attentions), **({"NpoGEGLU": gates} if gates else {})}
+        assert unet.state_dict().keys() == state.keys()
         assert max_rel_err(_call(unet, inputs), reference) < 1e-5
-        assert served == {True: len(attentions)}
-        set_branch_mode(unet, "cond")  # no uncond rows: the layer's own path
+        assert served == {(False, True): len(attentions), **({(True, True): gates} if gates else {})}
+        set_branch_mode(unet, "cond")  # no uncond rows: the usual code
         assert max_rel_err(_call(unet, inputs), plain) < 1e-5
         set_branch_mode(unet, "cfg")
         attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
@@ -583,67 +597,64 @@ def test_attention_processor_applies_to_out_update_in_the_rescale_pass(cases, ar
         mask = torch.zeros(2, 1, 8)
         mask[0, 0, 5:] = -10000.0  # the uncond row ignores its last text tokens
         attn.rescale_output_factor = 2.0
+        served.clear()
         try:
             with torch.no_grad():
                 ours = attn(h, encoder_hidden_states=text, attention_mask=mask)
-                assert served[True] == len(attentions) + 1  # the new shape and factor were served too
                 theirs = AttnProcessor2_0()(attn, h, encoder_hidden_states=text, attention_mask=mask)
         finally:
             attn.rescale_output_factor = 1.0
+        assert served == {(False, True): 1}  # the new shape and factor were served too
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert all(type(a.processor) is AttnProcessor2_0 for a in attentions)
+    assert not any(isinstance(m, output_store.NpoGEGLU) for m in unet.modules())
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
     assert max_rel_err(_call(unet, inputs), plain) < 1e-6
 
 
-def test_attention_processor_is_installed_by_enable_npo_and_leaves_other_processors(cases):
-    """enable_npo installs the processor only on CUDA's backend 'auto' (counted in the handle), never over a
-    processor other than AttnProcessor2_0, and fused_out=False turns it off."""
+def test_output_stores_come_with_enable_npo_on_cuda_only_and_leave_other_processors(cases):
+    """enable_npo installs the stores only with CUDA's backend 'auto' (on CPU it is 'torch'), and
+    install_output_stores never replaces a processor other than AttnProcessor2_0."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    from npo_merge.guidance import attention_processor
+    from npo_merge.guidance import output_store
 
     unet, deltas, _, _, _ = cases["sd15", "attention"]
-    with enable_npo(unet, deltas, mode="cfg") as handle:  # CPU: backend 'torch', no processors
+    with enable_npo(unet, deltas, mode="cfg") as handle:
         assert "NpoAttnProcessor" not in handle.counts
         _auto_backend(handle)
         attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
         original = attn.processor
         attn.set_processor(AttnProcessor())
         try:
-            installed = attention_processor.install_processors(unet)
-            assert installed == sum(type(m).__name__ == "Attention" for m in unet.modules()) - 1
+            counts = output_store.install_output_stores(unet)
+            assert counts == {"NpoAttnProcessor": sum(type(m).__name__ == "Attention" for m in unet.modules()) - 1}
             assert type(attn.processor) is AttnProcessor
         finally:
             attn.set_processor(original)
-    assert not any(isinstance(getattr(m, "processor", None), attention_processor.NpoAttnProcessor)
-                   for m in unet.modules())
+    assert not any(isinstance(getattr(m, "processor", None), output_store.NpoAttnProcessor) for m in unet.modules())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_processor_with_the_triton_store_eager_and_in_a_cuda_graph(arch, monkeypatch):
-    """On CUDA (fp16) enable_npo installs the processor and the Triton store serves every call (its timing
-    against the layer's own path skipped); the result matches the layers' own paths, and a CUDA graph captured
-    after an eager call replays it."""
-    from npo_merge.guidance import attention_processor
+@pytest.mark.parametrize("coverage", ["attention", "all"])
+def test_output_stores_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, coverage, monkeypatch):
+    """On CUDA (fp16) enable_npo installs the stores and the Triton kernel serves every call (its timing against
+    the usual code skipped); the result matches the layers' own paths, and a CUDA graph captured after an eager
+    call replays it."""
+    from npo_merge.guidance import output_store
 
-    monkeypatch.setattr(attention_processor, "_fastest_on_gpu", lambda calls, device: 0)
-    served = Counter()
-    store = attention_processor.NpoAttnProcessor._store
-
-    def counting(self, layer, x, factor):
-        y = store(self, layer, x, factor)
-        served[y is not None] += 1
-        return y
-
-    monkeypatch.setattr(attention_processor.NpoAttnProcessor, "_store", counting)
-    unet, deltas, inputs = _cuda_case(arch)
+    monkeypatch.setattr(output_store, "_fastest_on_gpu", lambda calls, device: 0)
+    served = _count_stores(monkeypatch)
+    unet, deltas, inputs = _cuda_case(arch, coverage)
     with enable_npo(unet, deltas, mode="cfg", backend="auto", fused_out=False):
         reference = _call(unet, inputs)
     with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
+        sites = handle.counts["NpoAttnProcessor"] + handle.counts.get("NpoGEGLU", 0)
         assert handle.counts["NpoAttnProcessor"] == sum(type(m).__name__ == "Attention" for m in unet.modules())
+        assert (coverage == "all") == ("NpoGEGLU" in handle.counts)
         eager = _call(unet, inputs)
-        assert served == {True: handle.counts["NpoAttnProcessor"]}
+        assert sum(served.values()) == served[False, True] + served[True, True] == sites
         assert max_rel_err(eager, reference) < 1e-2
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):

@@ -628,21 +628,27 @@ def test_triton_norm_shrink_matches_float64(dtype, rank, width):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rank", [8, 40])
-def test_triton_expand_rescale_matches_float64(dtype, rank):
-    """(y + scale * t up^T on uncond rows) / factor, y and t read from one strided joint buffer: against float64
-    on both branches, cond rows exactly torch's y / factor, every element written (NaN-poisoned output)."""
-    from npo_merge.guidance.kernels.expand_rescale import ExpandRescaleLaunch, expand_rescale
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_expand_store_matches_float64(dtype, rank, gated):
+    """From one strided joint buffer [y | t] (or [a | g | t]): (y + scale * t up^T on uncond rows) / factor, or
+    a' * gelu(g') with the update in both halves; against float64 on both branches, every element written
+    (NaN-poisoned output), and a bound launch gives the same bits."""
+    from npo_merge.guidance.kernels.expand_store import ExpandStoreLaunch, expand_store
 
     gen = torch.Generator().manual_seed(6)
     rows, n = 150, 200  # 3 row tiles of 64 and 2 column tiles of 128, both with a partial last tile
-    joint = torch.randn(rows, n + rank, generator=gen).to(dtype).to(DEVICE)  # [y | t]: t as large as y
-    up = (torch.randn(n, rank, generator=gen) * rank**-0.5).to(dtype).to(DEVICE)
+    halves = 2 if gated else 1
+    joint = torch.randn(rows, halves * n + rank, generator=gen).to(dtype).to(DEVICE)  # t as large as y
+    up = (torch.randn(halves * n, rank, generator=gen) * rank**-0.5).to(dtype).to(DEVICE)
+    factor = 1.0 if gated else 2.0
     for n_uncond in (0, 64, 70, rows):
         out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
-        direct = expand_rescale(joint, up, SCALE, n_uncond, 2.0, out)
-        ref = joint[:, :n].double().clone()
-        ref[:n_uncond] += SCALE * joint[:n_uncond, n:].double() @ up.double().t()
-        _assert_branches_close(out, ref / 2.0, n_uncond, TOLERANCE[dtype])
-        assert torch.equal(out[n_uncond:], joint[n_uncond:, :n] / 2.0)
-        again = ExpandRescaleLaunch(joint, up, n_uncond, direct)(joint, up, SCALE, 2.0)
+        direct = expand_store(joint, up, SCALE, n_uncond, factor, gated, out)
+        full = joint[:, :halves * n].double().clone()
+        full[:n_uncond] += SCALE * joint[:n_uncond, halves * n:].double() @ up.double().t()
+        ref = full[:, :n] * torch.nn.functional.gelu(full[:, n:]) if gated else full / factor
+        _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+        if not gated:
+            assert torch.equal(out[n_uncond:], joint[n_uncond:, :n] / factor)  # cond rows: torch's own division
+        again = ExpandStoreLaunch(joint, up, n, n_uncond, gated, direct)(joint, up, SCALE, factor)
         assert torch.equal(again, out)

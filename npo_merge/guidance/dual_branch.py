@@ -539,6 +539,12 @@ class DualBranchLayer(nn.Module):
         return f"strategy={self.strategy}, mode={self.mode}"
 
 
+def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` (dotted) under `root`."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
+
+
 def _capturing(x: torch.Tensor) -> bool:
     """Whether this call is being captured into a CUDA graph (there, GPU time alone decides the path)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()

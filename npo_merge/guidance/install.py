@@ -39,9 +39,10 @@ from npo_merge.guidance.dual_branch import (
     InputGroup,
     delta_problem,
     dual_branch_module,
+    replace_submodule,
     fused_op_available,
 )
-from npo_merge.guidance.attention_processor import install_processors, remove_processors
+from npo_merge.guidance.output_store import install_output_stores, remove_output_stores
 from npo_merge.guidance.widened_norm import WidenedNorm, widen_norms
 
 ModeSetting = Literal["auto", "cfg", "cond", "uncond"]
@@ -113,9 +114,9 @@ def enable_npo(
         the projections (`widen_norms`). For CUDA-graph sampling, where it costs less GPU time (H100, SDXL,
         attention rank 8: step 1.020-1.026x plain CFG against 1.042-1.045x); eager calls spend more host
         time on it (1.11-1.18x against 1.00-1.04x), so it is off by default.
-    fused_out: with backend "auto", give attentions whose output projection is covered an `NpoAttnProcessor`:
-        the projection's update is applied in the pass that divides by `rescale_output_factor` (plain CFG
-        runs that pass too), where that times faster than the projection's own path.
+    fused_out: with backend "auto", apply the update of each covered attention output projection and GEGLU
+        projection inside the elementwise pass that reads its output anyway (the attention's division by
+        `rescale_output_factor`, GEGLU's gate), where that times faster (`install_output_stores`).
     Raises CompatibilityError naming every key that has no matching layer or the wrong shape.
     """
     pipeline, unet = _split_pipeline(pipe_or_unet)
@@ -137,7 +138,7 @@ def enable_npo(
             wrapped = dual_branch_module(layer, delta, eta, path=path, mode=start_mode)
             if isinstance(wrapped, DualBranchLinear) and wrapped.strategy == "lowrank":
                 wrapped.set_backend(layer_backend)
-            _replace_submodule(unet, name, wrapped)
+            replace_submodule(unet, name, wrapped)
             modules[name] = wrapped
     except BaseException:
         disable_npo(unet)  # never leave a half-installed UNet behind
@@ -155,22 +156,21 @@ def enable_npo(
     groups = group_shared_inputs(unet) if group_inputs else 0
     if groups:
         counts["InputGroup"] = groups
-    processors = install_processors(unet) if fused_out and layer_backend == "auto" else 0
-    if processors:
-        counts["NpoAttnProcessor"] = processors
+    if fused_out and layer_backend == "auto":
+        counts.update(install_output_stores(unet))
     return NpoHandle(unet=unet, modules=modules, eta=float(eta), path=path, pipeline=pipeline, counts=counts)
 
 
 def disable_npo(pipe_or_unet: Any) -> int:
     """Put the original layers back (the same module and Parameter objects); returns how many were restored."""
     pipeline, unet = _split_pipeline(pipe_or_unet)
-    remove_processors(unet)
+    remove_output_stores(unet)  # first: NpoGEGLU holds a dual-branch layer
     restored = 0
     for name, module in list(unet.named_modules()):
         if isinstance(module, WidenedNorm):
-            _replace_submodule(unet, name, module.release())
+            replace_submodule(unet, name, module.release())
         elif isinstance(module, DualBranchLayer):
-            _replace_submodule(unet, name, module.release())
+            replace_submodule(unet, name, module.release())
             restored += 1
     if pipeline is not None and getattr(pipeline.__dict__.get("encode_prompt"), _WRAPPER_MARK, None) is not None:
         del pipeline.__dict__["encode_prompt"]
@@ -306,12 +306,6 @@ def group_shared_inputs(unet: nn.Module) -> int:
     for members in groups:
         InputGroup(members)
     return len(groups)
-
-
-def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, module)
 
 
 def _pick_backend(backend: str, unet: nn.Module, path: BranchPath) -> Backend:
