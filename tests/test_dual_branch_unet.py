@@ -6,6 +6,7 @@ import copy
 import os
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -524,23 +525,52 @@ def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
     torch._dynamo.reset()
 
 
-def _torch_expand_store(y, up, scale, n_uncond, factor, gated, out):
-    """What kernels.expand_store computes, with torch ops (the UNet tests run without the Triton kernel)."""
+def _torch_expand_store(y, up, add, scale, n_uncond, factor, gated, out):
+    """What kernels.expand_store computes, with torch ops (the UNet tests run without the Triton kernels)."""
     width = up.shape[0]
     full = y[:, :width].clone()
     full[:n_uncond] += scale * (y[:n_uncond, width:] @ up.t())
     n = out.shape[1]
-    out.copy_(full[:, :n] * torch.nn.functional.gelu(full[:, n:]) if gated else full / factor)
+    if gated:
+        out.copy_(full[:, :n] * torch.nn.functional.gelu(full[:, n:]))
+    else:
+        out.copy_((full if add is None else full + add) / factor)
 
 
 class _TorchStoreLaunch:
-    def __init__(self, y, up, n_out, n_uncond, gated, direct):
+    def __init__(self, y, up, add, n_out, n_uncond, gated, direct):
         self.n_out, self.n_uncond, self.gated = n_out, n_uncond, gated
 
-    def __call__(self, y, up, scale, factor=1.0):
+    def __call__(self, y, up, add, scale, factor=1.0):
         out = y.new_empty((y.shape[0], self.n_out))
-        _torch_expand_store(y, up, scale, self.n_uncond, factor, self.gated, out)
+        _torch_expand_store(y, up, add, scale, self.n_uncond, factor, self.gated, out)
         return out
+
+
+def _torch_channel_store(y, up, add, scale, n_uncond, factor, out):
+    """What kernels.channel_store computes, with torch ops."""
+    c = up.shape[0]
+    full = y[:, :c].clone()
+    full[:n_uncond] += scale * torch.nn.functional.conv2d(y[:n_uncond, c:], up.reshape(c, -1, 1, 1))
+    out.copy_((full if add is None else full + add) / factor)
+
+
+class _TorchChannelLaunch:
+    def __init__(self, y, up, add, n_uncond, direct):
+        self.n_uncond = n_uncond
+
+    def __call__(self, y, up, add, scale, factor):
+        out = y.new_empty((y.shape[0], up.shape[0], *y.shape[2:]))
+        _torch_channel_store(y, up, add, scale, self.n_uncond, factor, out)
+        return out
+
+
+def _torch_store_kernels():
+    from npo_merge.guidance.kernels.expand_store import add_strides
+
+    return SimpleNamespace(expand_store=_torch_expand_store, ExpandStoreLaunch=_TorchStoreLaunch,
+                           channel_store=_torch_channel_store, ChannelStoreLaunch=_TorchChannelLaunch,
+                           add_strides=add_strides), True
 
 
 def _auto_backend(handle) -> None:
@@ -550,15 +580,15 @@ def _auto_backend(handle) -> None:
 
 
 def _count_stores(monkeypatch) -> Counter:
-    """Counts OutputStore calls by whether the store served them (True) or left them to the usual code."""
+    """Counts store calls by (store class, gated, whether the store served them rather than the usual code)."""
     from npo_merge.guidance import output_store
 
     served = Counter()
     call = output_store.OutputStore.__call__
 
-    def counting(self, layer, x, usual, factor=1.0):
-        y = call(self, layer, x, usual, factor)
-        served[self.gated, y is not None] += 1
+    def counting(self, layer, x, usual, factor=1.0, add=None):
+        y = call(self, layer, x, usual, factor, add)
+        served[type(self).__name__, self.gated, y is not None] += 1
         return y
 
     monkeypatch.setattr(output_store.OutputStore, "__call__", counting)
@@ -568,27 +598,37 @@ def _count_stores(monkeypatch) -> Counter:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("coverage", COVERAGE)
 def test_output_stores_apply_the_update_in_the_pass_that_reads_the_output(cases, arch, coverage, monkeypatch):
-    """Every attention whose to_out is covered gets an NpoAttnProcessor and, where the feed-forward is covered,
-    every GEGLU an NpoGEGLU; each call comes from the joint GEMM and the store (none from the usual code) and
-    equals two UNets; state_dict, modes, a rescale factor, an attention mask and removal stay exact."""
+    """Every attention whose to_out is covered gets an NpoAttnProcessor and, where every layer is covered, every
+    GEGLU, transformer block and ResnetBlock2D its Npo counterpart; each call comes from the joint GEMM
+    (convolution) and a store (none from the usual code) and equals two UNets; state_dict, modes, a rescale
+    factor, an attention mask and removal stay exact."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.resnet import ResnetBlock2D
 
     from npo_merge.guidance import output_store
 
     unet, deltas, inputs, reference, plain = cases[arch, coverage]
-    monkeypatch.setattr(output_store, "_store_kernels", lambda: (_TorchStoreLaunch, _torch_expand_store, True))
+    monkeypatch.setattr(output_store, "_store_kernels", _torch_store_kernels)
     served = _count_stores(monkeypatch)
     attentions = [m for m in unet.modules() if type(m).__name__ == "Attention"]
-    gates = len([m for m in unet.modules() if type(m) is GEGLU]) if coverage == "all" else 0
+    gates = resnets = blocks = 0
+    if coverage == "all":
+        gates = sum(type(m) is GEGLU for m in unet.modules())
+        resnets = sum(type(m) is ResnetBlock2D for m in unet.modules())
+        blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
         _auto_backend(handle)
         counts = output_store.install_output_stores(unet)
-        assert counts == {"NpoAttnProcessor": len(attentions), **({"NpoGEGLU": gates} if gates else {})}
+        expected = {"NpoAttnProcessor": len(attentions), "NpoGEGLU": gates, "NpoResnetBlock": resnets,
+                    "NpoTransformerBlock": blocks}
+        assert counts == {kind: n for kind, n in expected.items() if n}
         assert unet.state_dict().keys() == state.keys()
         assert max_rel_err(_call(unet, inputs), reference) < 1e-5
-        assert served == {(False, True): len(attentions), **({(True, True): gates} if gates else {})}
+        expected = {("OutputStore", False, True): len(attentions) + blocks, ("OutputStore", True, True): gates,
+                    ("ChannelStore", False, True): 2 * resnets}
+        assert served == {key: n for key, n in expected.items() if n}
         set_branch_mode(unet, "cond")  # no uncond rows: the usual code
         assert max_rel_err(_call(unet, inputs), plain) < 1e-5
         set_branch_mode(unet, "cfg")
@@ -604,10 +644,11 @@ def test_output_stores_apply_the_update_in_the_pass_that_reads_the_output(cases,
                 theirs = AttnProcessor2_0()(attn, h, encoder_hidden_states=text, attention_mask=mask)
         finally:
             attn.rescale_output_factor = 1.0
-        assert served == {(False, True): 1}  # the new shape and factor were served too
+        assert served == {("OutputStore", False, True): 1}  # the new shape and factor were served too
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert all(type(a.processor) is AttnProcessor2_0 for a in attentions)
-    assert not any(isinstance(m, output_store.NpoGEGLU) for m in unet.modules())
+    swapped = (output_store.NpoGEGLU, output_store.NpoResnetBlock, output_store.NpoTransformerBlock)
+    assert not any(isinstance(m, swapped) for m in unet.modules())
     assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
     assert max_rel_err(_call(unet, inputs), plain) < 1e-6
 
@@ -650,11 +691,12 @@ def test_output_stores_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, co
     with enable_npo(unet, deltas, mode="cfg", backend="auto", fused_out=False):
         reference = _call(unet, inputs)
     with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
-        sites = handle.counts["NpoAttnProcessor"] + handle.counts.get("NpoGEGLU", 0)
+        sites = (handle.counts["NpoAttnProcessor"] + handle.counts.get("NpoGEGLU", 0)
+                 + 2 * handle.counts.get("NpoResnetBlock", 0) + handle.counts.get("NpoTransformerBlock", 0))
         assert handle.counts["NpoAttnProcessor"] == sum(type(m).__name__ == "Attention" for m in unet.modules())
-        assert (coverage == "all") == ("NpoGEGLU" in handle.counts)
+        assert (coverage == "all") == ("NpoGEGLU" in handle.counts) == ("NpoResnetBlock" in handle.counts)
         eager = _call(unet, inputs)
-        assert sum(served.values()) == served[False, True] + served[True, True] == sites
+        assert all(key[-1] for key in served) and sum(served.values()) == sites
         assert max_rel_err(eager, reference) < 1e-2
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):

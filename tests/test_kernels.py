@@ -628,27 +628,59 @@ def test_triton_norm_shrink_matches_float64(dtype, rank, width):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rank", [8, 40])
-@pytest.mark.parametrize("gated", [False, True])
-def test_triton_expand_store_matches_float64(dtype, rank, gated):
-    """From one strided joint buffer [y | t] (or [a | g | t]): (y + scale * t up^T on uncond rows) / factor, or
-    a' * gelu(g') with the update in both halves; against float64 on both branches, every element written
-    (NaN-poisoned output), and a bound launch gives the same bits."""
+@pytest.mark.parametrize("kind", ["rescale", "residual", "gated"])
+def test_triton_expand_store_matches_float64(dtype, rank, kind):
+    """From one strided joint buffer [y | t] (or [a | g | t]): (y + scale * t up^T on uncond rows [+ residual]) /
+    factor, or a' * gelu(g') with the update in both halves; against float64 on both branches, every element
+    written (NaN-poisoned output), and a bound launch gives the same bits."""
     from npo_merge.guidance.kernels.expand_store import ExpandStoreLaunch, expand_store
 
     gen = torch.Generator().manual_seed(6)
     rows, n = 150, 200  # 3 row tiles of 64 and 2 column tiles of 128, both with a partial last tile
+    gated = kind == "gated"
     halves = 2 if gated else 1
     joint = torch.randn(rows, halves * n + rank, generator=gen).to(dtype).to(DEVICE)  # t as large as y
     up = (torch.randn(halves * n, rank, generator=gen) * rank**-0.5).to(dtype).to(DEVICE)
-    factor = 1.0 if gated else 2.0
+    residual = torch.randn(rows, n, generator=gen).to(dtype).to(DEVICE) if kind == "residual" else None
+    factor = 2.0 if kind == "rescale" else 1.0
     for n_uncond in (0, 64, 70, rows):
         out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
-        direct = expand_store(joint, up, SCALE, n_uncond, factor, gated, out)
+        direct = expand_store(joint, up, residual, SCALE, n_uncond, factor, gated, out)
         full = joint[:, :halves * n].double().clone()
         full[:n_uncond] += SCALE * joint[:n_uncond, halves * n:].double() @ up.double().t()
-        ref = full[:, :n] * torch.nn.functional.gelu(full[:, n:]) if gated else full / factor
+        if gated:
+            ref = full[:, :n] * torch.nn.functional.gelu(full[:, n:])
+        else:
+            ref = (full if residual is None else full + residual.double()) / factor
         _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
-        if not gated:
+        if kind == "rescale":
             assert torch.equal(out[n_uncond:], joint[n_uncond:, :n] / factor)  # cond rows: torch's own division
-        again = ExpandStoreLaunch(joint, up, n, n_uncond, gated, direct)(joint, up, SCALE, factor)
+        again = ExpandStoreLaunch(joint, up, residual, n, n_uncond, gated, direct)(joint, up, residual, SCALE, factor)
+        assert torch.equal(again, out)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("add", ["none", "time_embedding", "residual"])
+def test_triton_channel_store_matches_float64(dtype, add):
+    """(y[:, :C] + scale * up @ y[:, C:] on uncond samples + add) / factor from a joint convolution's NCHW output,
+    the add broadcast from (N, C, 1, 1) or full: against float64 per branch, every element written, and a bound
+    launch gives the same bits."""
+    from npo_merge.guidance.kernels.expand_store import ChannelStoreLaunch, channel_store
+
+    gen = torch.Generator().manual_seed(7)
+    batch, c, rank, h, w = 3, 80, 12, 9, 17  # 2 channel tiles of 64 and 2 pixel tiles of 128, partial ones
+    y = torch.randn(batch, c + rank, h, w, generator=gen).to(dtype).to(DEVICE)
+    up = (torch.randn(c, rank, 1, 1, generator=gen) * rank**-0.5).to(dtype).to(DEVICE)  # as a conv layer holds it
+    extra = {"none": None, "time_embedding": torch.randn(batch, c, generator=gen)[:, :, None, None],
+             "residual": torch.randn(batch, c, h, w, generator=gen)}[add]
+    extra = None if extra is None else extra.to(dtype).to(DEVICE)
+    for n_uncond in (0, 1, batch):
+        out = torch.full((batch, c, h, w), float("nan"), dtype=dtype, device=DEVICE)
+        direct = channel_store(y, up, extra, SCALE, n_uncond, 2.0, out)
+        ref = y[:, :c].double().clone()
+        ref[:n_uncond] += SCALE * torch.einsum("ck,nkhw->nchw", up[:, :, 0, 0].double(), y[:n_uncond, c:].double())
+        ref = (ref if extra is None else ref + extra.double()) / 2.0
+        _assert_branches_close(out.flatten(1), ref.flatten(1), n_uncond, TOLERANCE[dtype])
+        again = ChannelStoreLaunch(y, up, extra, n_uncond, direct)(y, up, extra, SCALE, 2.0)
         assert torch.equal(again, out)
