@@ -612,22 +612,25 @@ def test_output_stores_apply_the_update_in_the_pass_that_reads_the_output(cases,
     monkeypatch.setattr(output_store, "_store_kernels", _torch_store_kernels)
     served = _count_stores(monkeypatch)
     attentions = [m for m in unet.modules() if type(m).__name__ == "Attention"]
-    gates = resnets = blocks = 0
+    gates = resnets = blocks = conv_projections = 0
     if coverage == "all":
         gates = sum(type(m) is GEGLU for m in unet.modules())
         resnets = sum(type(m) is ResnetBlock2D for m in unet.modules())
         blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+        conv_projections = sum(type(m).__name__ == "Transformer2DModel" and not m.use_linear_projection
+                               for m in unet.modules())
+        assert (conv_projections > 0) == (arch == "sd15")  # SD1.5: 1x1-conv proj_in/out; SDXL: linear
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
         _auto_backend(handle)
         counts = output_store.install_output_stores(unet)
         expected = {"NpoAttnProcessor": len(attentions), "NpoGEGLU": gates, "NpoResnetBlock": resnets,
-                    "NpoTransformerBlock": blocks}
+                    "NpoTransformerBlock": blocks, "NpoProjOut": conv_projections}
         assert counts == {kind: n for kind, n in expected.items() if n}
         assert unet.state_dict().keys() == state.keys()
         assert max_rel_err(_call(unet, inputs), reference) < 1e-5
         expected = {("OutputStore", False, True): len(attentions) + blocks, ("OutputStore", True, True): gates,
-                    ("ChannelStore", False, True): 2 * resnets}
+                    ("ChannelStore", False, True): 2 * resnets + conv_projections}
         assert served == {key: n for key, n in expected.items() if n}
         set_branch_mode(unet, "cond")  # no uncond rows: the usual code
         assert max_rel_err(_call(unet, inputs), plain) < 1e-5
@@ -648,7 +651,7 @@ def test_output_stores_apply_the_update_in_the_pass_that_reads_the_output(cases,
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert all(type(a.processor) is AttnProcessor2_0 for a in attentions)
     swapped = (output_store.NpoGEGLU, output_store.NpoResnetBlock, output_store.NpoTransformerBlock)
-    assert not any(isinstance(m, swapped) for m in unet.modules())
+    assert not any(isinstance(m, swapped) or "_get_output_for_continuous_inputs" in vars(m) for m in unet.modules())
     assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
     assert max_rel_err(_call(unet, inputs), plain) < 1e-6
 
@@ -691,7 +694,7 @@ def test_output_stores_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, co
     with enable_npo(unet, deltas, mode="cfg", backend="auto", fused_out=False):
         reference = _call(unet, inputs)
     with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
-        sites = (handle.counts["NpoAttnProcessor"] + handle.counts.get("NpoGEGLU", 0)
+        sites = (handle.counts["NpoAttnProcessor"] + handle.counts.get("NpoGEGLU", 0) + handle.counts.get("NpoProjOut", 0)
                  + 2 * handle.counts.get("NpoResnetBlock", 0) + handle.counts.get("NpoTransformerBlock", 0))
         assert handle.counts["NpoAttnProcessor"] == sum(type(m).__name__ == "Attention" for m in unet.modules())
         assert (coverage == "all") == ("NpoGEGLU" in handle.counts) == ("NpoResnetBlock" in handle.counts)

@@ -4,14 +4,16 @@ diffusers passes that read a layer's whole output right after its GEMM or convol
 - the attention processor's `to_out[0](x) / attn.rescale_output_factor`;
 - GEGLU's `a * gelu(g)` over the two halves of its projection (the feed-forward's input projection);
 - a BasicTransformerBlock's `ff(norm3(h)) + h` after the feed-forward's output projection;
-- a ResnetBlock2D's `conv1(h) + temb` and `(shortcut + conv2(h)) / output_scale_factor`.
+- a ResnetBlock2D's `conv1(h) + temb` and `(shortcut + conv2(h)) / output_scale_factor`;
+- a Transformer2DModel's `proj_out(h) + residual` where proj_out is a 1x1 convolution (SD1.x, SD2).
 Where such a layer is a low-rank dual-branch layer stored as [W; down], one cuBLAS GEMM (cuDNN convolution)
 yields its output and the shrink together, and a Triton store (`kernels.expand_store`) does the expand
 inside that pass: the update costs no pass of its own, where the layer's own paths need one (H100, SDXL,
 attention rank 8 under CUDA graphs: `to_out` was most of what NPO cost over plain CFG).
 
 `NpoAttnProcessor` replaces diffusers' AttnProcessor2_0; `NpoGEGLU`, `NpoTransformerBlock` and `NpoResnetBlock`
-replace GEGLU, BasicTransformerBlock and ResnetBlock2D (`enable_npo(..., fused_out=True)`, the default). Every other call (other inputs,
+replace GEGLU, BasicTransformerBlock and ResnetBlock2D; `NpoProjOut` is set as a Transformer2DModel's output
+method (`enable_npo(..., fused_out=True)`, the default). Every other call (other inputs,
 torch.compile, autograd, training mode, a shape where the usual code timed faster) runs the original code.
 """
 from __future__ import annotations
@@ -33,8 +35,8 @@ from npo_merge.guidance.dual_branch import (
     uncond_rows,
 )
 
-__all__ = ["ChannelStore", "NpoAttnProcessor", "NpoGEGLU", "NpoResnetBlock", "NpoTransformerBlock", "OutputStore",
-           "install_output_stores", "remove_output_stores"]
+__all__ = ["ChannelStore", "NpoAttnProcessor", "NpoGEGLU", "NpoProjOut", "NpoResnetBlock", "NpoTransformerBlock",
+           "OutputStore", "install_output_stores", "remove_output_stores"]
 
 
 def _store_kernels() -> tuple | None:
@@ -286,25 +288,49 @@ def _plain_block(module: nn.Module) -> bool:
             and isinstance(net, nn.ModuleList) and len(net) in (3, 4) and servable(net[2]))
 
 
+class NpoProjOut:
+    """Transformer2DModel._get_output_for_continuous_inputs for a 1x1-conv `proj_out` (SD1.x/SD2 UNets), set on the
+    model instance: the projection's update applied in the pass that adds the residual."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.store = ChannelStore()
+
+    def __call__(self, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int, height: int, width: int,
+                 inner_dim: int) -> torch.Tensor:
+        proj = self.model.proj_out
+        x = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2).contiguous()
+
+        def usual() -> torch.Tensor:
+            return proj(x) + residual
+
+        y = self.store(proj, x, usual, 1.0, residual) if servable(proj) else None
+        return y if y is not None else usual()
+
+
 def _plain_resnet(module: nn.Module) -> bool:
     """A ResnetBlock2D without the variants NpoResnetBlock leaves to the original (resampling, scale-shift norm)."""
     return (module.upsample is None and module.downsample is None and module.time_embedding_norm == "default"
             and (servable(module.conv1) or servable(module.conv2)))
 
 
+_PROJ_OUT = "_get_output_for_continuous_inputs"
+
+
 def install_output_stores(unet: nn.Module) -> dict[str, int]:
-    """Swap in an `NpoAttnProcessor` for each attention running diffusers' AttnProcessor2_0, and an `NpoGEGLU`,
+    """Swap in an `NpoAttnProcessor` for each attention running diffusers' AttnProcessor2_0, an `NpoGEGLU`,
     `NpoTransformerBlock` or `NpoResnetBlock` for each GEGLU, layer-norm BasicTransformerBlock or plain
-    ResnetBlock2D, where a store can serve their layers; returns how many of each. Other processors and modules
-    are left alone."""
+    ResnetBlock2D, and an `NpoProjOut` for each Transformer2DModel with a 1x1-conv proj_out, where a store can
+    serve their layers; returns how many of each. Other processors and modules are left alone."""
     try:
         from diffusers.models.activations import GEGLU
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.attention_processor import AttnProcessor2_0
         from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
     except ImportError:
         return {}
-    counts = {"NpoAttnProcessor": 0, "NpoGEGLU": 0, "NpoResnetBlock": 0, "NpoTransformerBlock": 0}
+    counts = {"NpoAttnProcessor": 0, "NpoGEGLU": 0, "NpoResnetBlock": 0, "NpoTransformerBlock": 0, "NpoProjOut": 0}
     for name, module in list(unet.named_modules()):
         to_out = getattr(module, "to_out", None)
         if (type(getattr(module, "processor", None)) is AttnProcessor2_0 and isinstance(to_out, nn.ModuleList)
@@ -320,6 +346,10 @@ def install_output_stores(unet: nn.Module) -> dict[str, int]:
         elif type(module) is BasicTransformerBlock and _plain_block(module):
             replace_submodule(unet, name, NpoTransformerBlock(module))
             counts["NpoTransformerBlock"] += 1
+        elif (type(module) is Transformer2DModel and getattr(module, "is_input_continuous", False)
+              and not module.use_linear_projection and servable(module.proj_out)):
+            module.__dict__[_PROJ_OUT] = NpoProjOut(module)  # an instance attribute: the class method stays
+            counts["NpoProjOut"] += 1
     return {kind: n for kind, n in counts.items() if n}
 
 
@@ -331,4 +361,6 @@ def remove_output_stores(unet: nn.Module) -> None:
             module.set_processor(processor.original)
         elif isinstance(module, (NpoGEGLU, NpoResnetBlock, NpoTransformerBlock)):
             replace_submodule(unet, name, module.original)
+        elif isinstance(module.__dict__.get(_PROJ_OUT), NpoProjOut):
+            del module.__dict__[_PROJ_OUT]
 
