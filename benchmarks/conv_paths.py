@@ -1,3 +1,11 @@
+"""Ways to run a rank-64 dual-branch 3x3 conv on SD UNet shapes (H100 probe, CUDA graphs of 50 calls), in us.
+
+plain conv; joint conv [W; down] plus the expand; theta_u materialized then one grouped conv over the batch
+viewed as channels (groups=2) or two half-batch convs; the plain conv in channels-last. Informed the
+choice of the joint conv plus a store (results/conv_paths_probe_h100.json).
+
+    python benchmarks/conv_paths.py results/conv_paths_probe_h100.json
+"""
 import torch, torch.nn.functional as F, json, sys
 torch.backends.cudnn.benchmark = True
 dev, dt = "cuda", torch.float16

@@ -1,4 +1,7 @@
-"""Per-kernel GPU time of one eager SD1.5 step, plain vs NPO (all-r64), after warm-up: where NPO's time goes."""
+"""Per-kernel GPU time of one eager UNet step, plain vs NPO (rank 64 on every layer), after warm-up: where NPO's time goes.
+
+    python benchmarks/kernel_diff.py sd15      # or sdxl; prints a markdown table of the largest differences
+"""
 import sys
 from collections import defaultdict
 sys.path.insert(0, "benchmarks")

@@ -1,4 +1,7 @@
-"""Tile sweep for the store kernels on SD1.5/SDXL shapes (CUDA graphs, 50 calls), against the plain passes they replace."""
+"""Tile sweep for the store kernels on SD1.5/SDXL shapes (CUDA graphs, 50 calls), against the plain passes they replace.
+
+    python benchmarks/store_sweep.py results/store_sweep_h100.json
+"""
 import json, sys, itertools
 import torch, triton, torch.nn.functional as F
 from npo_merge.guidance.kernels import expand_store as es
