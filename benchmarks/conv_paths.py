@@ -6,22 +6,16 @@ choice of the joint conv plus a store (results/conv_paths_probe_h100.json).
 
     python benchmarks/conv_paths.py results/conv_paths_probe_h100.json
 """
-import torch, torch.nn.functional as F, json, sys
+import json, sys
+from pathlib import Path
+
+import torch, torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from store_sweep import timed  # noqa: E402  (the same CUDA-graph timing as the store sweep)
 torch.backends.cudnn.benchmark = True
 dev, dt = "cuda", torch.float16
 R = 64
-def timed(fn, reps=50):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps): fn()
-    best = 1e9
-    for _ in range(7):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); g.replay(); e.record(); e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1000 / reps)
-    return best
 rows = []
 for c, hw in ((320, 64), (640, 32), (1280, 16), (1280, 8), (640, 64), (1280, 32)):
     x = torch.randn(2, c, hw, hw, device=dev, dtype=dt)

@@ -477,6 +477,16 @@ def test_norm_fed_projections_in_one_wide_gemm(cases, arch, coverage, monkeypatc
     assert max_rel_err(_call(unet, inputs), plain) < 1e-6
 
 
+def _graph_replay(unet, inputs) -> torch.Tensor:
+    """The UNet's output from a CUDA graph captured after eager calls, replayed once."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        captured = unet(**inputs).sample
+    graph.replay()
+    torch.cuda.synchronize()
+    return captured
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, monkeypatch):
@@ -493,12 +503,7 @@ def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, mo
         assert handle.counts["WidenedNorm"] > 0
         eager = _call(unet, inputs)
         assert max_rel_err(eager, reference) < 1e-2
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            captured = unet(**inputs).sample
-        graph.replay()
-        torch.cuda.synchronize()
-        assert max_rel_err(captured, eager) < 1e-3
+        assert max_rel_err(_graph_replay(unet, inputs), eager) < 1e-3
 
 
 def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
@@ -701,9 +706,4 @@ def test_output_stores_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, co
         eager = _call(unet, inputs)
         assert all(key[-1] for key in served) and sum(served.values()) == sites
         assert max_rel_err(eager, reference) < 1e-2
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            captured = unet(**inputs).sample
-        graph.replay()
-        torch.cuda.synchronize()
-        assert max_rel_err(captured, eager) < 1e-3
+        assert max_rel_err(_graph_replay(unet, inputs), eager) < 1e-3

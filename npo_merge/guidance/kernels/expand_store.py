@@ -65,7 +65,7 @@ def _expand_store_kernel(y_ptr, up_ptr, add_ptr, out_ptr, M, N, R, n_uncond, sca
 
 def _config(rank: int) -> dict:
     """64 x 64 tiles, 4 warps: the fastest or within 0.4 us of it for every SD1.5/SDXL shape swept on the H100
-    (.whl probe, results/store_sweep_h100.json); 64 x 256 tiles ran the gated store 2.3x slower."""
+    (benchmarks/store_sweep.py, results/store_sweep_h100.json); 64 x 256 tiles ran the gated store 2.3x slower."""
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": rank_block(rank), "num_warps": 4}
 
 
@@ -110,7 +110,8 @@ class ExpandStoreLaunch:
         out = y.new_empty(self._shape)
         pointers = (y.data_ptr(), up.data_ptr(), y.data_ptr() if add is None else add.data_ptr(), out.data_ptr())
         strides = _row_strides(y, add)
-        if self._direct is None or (pointers[0] | pointers[1] | pointers[2]) % 16 or strides != self._strides or _launch_hooks():
+        if (self._direct is None or (pointers[0] | pointers[1] | pointers[2]) % 16 or strides != self._strides
+                or _launch_hooks()):
             expand_store(y, up, add, scale, self._n_uncond, factor, self._gated, out)
             return out
         self._direct(_current_stream(), *pointers, *self._shape, self._rank, self._n_uncond, float(scale),
@@ -200,7 +201,8 @@ class ChannelStoreLaunch:
         out = y.new_empty(self._shape)
         pointers = (y.data_ptr(), up.data_ptr(), y.data_ptr() if add is None else add.data_ptr(), out.data_ptr())
         layout = (y.stride(0), add_strides(add, self._shape))
-        if self._direct is None or (pointers[0] | pointers[1] | pointers[2]) % 16 or layout != self._layout or _launch_hooks():
+        if (self._direct is None or (pointers[0] | pointers[1] | pointers[2]) % 16 or layout != self._layout
+                or _launch_hooks()):
             channel_store(y, up, add, scale, self._n_uncond, factor, out)
             return out
         batch, c, h, w = self._shape
