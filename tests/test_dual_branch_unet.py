@@ -707,3 +707,47 @@ def test_output_stores_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, co
         assert all(key[-1] for key in served) and sum(served.values()) == sites
         assert max_rel_err(eager, reference) < 1e-2
         assert max_rel_err(_graph_replay(unet, inputs), eager) < 1e-3
+
+
+def test_output_stores_step_aside_under_torch_compile_and_for_unsupported_calls(cases, monkeypatch):
+    """With every store installed, a down block (resnets, transformer blocks, attention processors, GEGLU, 1x1-conv
+    proj_out) compiles with fullgraph=True and matches eager; cross_attention_kwargs, a chunked feed-forward and
+    training mode take the original modules' code, with the same result."""
+    from npo_merge.guidance import output_store
+
+    monkeypatch.setattr(output_store, "_store_kernels", _torch_store_kernels)
+    served = _count_stores(monkeypatch)
+    unet, deltas, _, _, _ = cases["sd15", "all"]
+    x, temb, text = torch.randn(2, 32, 8, 8), torch.randn(2, 128), torch.randn(2, 8, 32)
+    down = unet.down_blocks[1]
+    torch._dynamo.reset()
+    with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle, torch.no_grad():
+        _auto_backend(handle)
+        output_store.install_output_stores(unet)
+        eager = down(x, temb, encoder_hidden_states=text)[0]
+        assert served and all(key[-1] for key in served)
+        compiled = torch.compile(down, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, temb, encoder_hidden_states=text)[0], eager, rtol=1e-5, atol=1e-6)
+        block = down.attentions[0].transformer_blocks[0]
+        assert isinstance(block, output_store.NpoTransformerBlock)
+        h = torch.randn(2, 16, block.norm1.normalized_shape[0])
+        stored = block(h, encoder_hidden_states=text)
+        served.clear()
+        torch.testing.assert_close(block(h, encoder_hidden_states=text, cross_attention_kwargs={"gligen": None}),
+                                   stored, rtol=1e-5, atol=1e-6)
+        block.original.set_chunk_feed_forward(8, 1)
+        try:
+            torch.testing.assert_close(block(h, encoder_hidden_states=text), stored, rtol=1e-5, atol=1e-6)
+        finally:
+            block.original.set_chunk_feed_forward(None, 0)
+        # Two calls, each served attn1's and attn2's to_out; the feed-forward's output store stepped aside both times.
+        assert served["OutputStore", False, True] == 4
+        resnet = down.resnets[0]
+        resnet.train()
+        try:
+            served.clear()
+            torch.testing.assert_close(resnet(x, temb), eager_resnet := resnet.original(x, temb), rtol=1e-5, atol=1e-6)
+            assert not served and eager_resnet.shape == x.shape[:1] + eager_resnet.shape[1:]
+        finally:
+            resnet.eval()
+    torch._dynamo.reset()

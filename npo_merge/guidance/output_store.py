@@ -192,6 +192,7 @@ class NpoGEGLU(nn.Module):
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)  # unregistered: what remove_output_stores puts back
+        self.training = original.training
         self.proj = original.proj
         self.store = OutputStore(gated=True)
 
@@ -210,13 +211,14 @@ class NpoResnetBlock(nn.Module):
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)  # unregistered: what remove_output_stores puts back
+        self.training = original.training
         for name, child in original.named_children():
             self.add_module(name, child)
         self.stores = (ChannelStore(), ChannelStore())
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         block = self.original
-        if args or kwargs or block.training:
+        if args or kwargs or self.training:  # train()/eval() reach this module and the children, not `original`
             return block(input_tensor, temb, *args, **kwargs)
         h = block.nonlinearity(block.norm1(input_tensor))
         if block.time_emb_proj is not None:
@@ -249,6 +251,7 @@ class NpoTransformerBlock(nn.Module):
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)  # unregistered: what remove_output_stores puts back
+        self.training = original.training
         for name, child in original.named_children():
             self.add_module(name, child)
         self.store = OutputStore()
@@ -258,7 +261,7 @@ class NpoTransformerBlock(nn.Module):
                 timestep: Any = None, cross_attention_kwargs: dict | None = None, class_labels: Any = None,
                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
         block = self.original
-        if cross_attention_kwargs or block.training or block._chunk_size is not None:
+        if cross_attention_kwargs or self.training or block._chunk_size is not None:
             return block(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
                          cross_attention_kwargs, class_labels, added_cond_kwargs)
         h = block.attn1(block.norm1(hidden_states), encoder_hidden_states=None, attention_mask=attention_mask)
@@ -360,7 +363,7 @@ def remove_output_stores(unet: nn.Module) -> None:
         if isinstance(processor, NpoAttnProcessor):
             module.set_processor(processor.original)
         elif isinstance(module, (NpoGEGLU, NpoResnetBlock, NpoTransformerBlock)):
-            replace_submodule(unet, name, module.original)
+            replace_submodule(unet, name, module.original.train(module.training))
         elif isinstance(module.__dict__.get(_PROJ_OUT), NpoProjOut):
             del module.__dict__[_PROJ_OUT]
 
