@@ -39,8 +39,8 @@ from npo_merge.guidance.dual_branch import (
     InputGroup,
     delta_problem,
     dual_branch_module,
-    replace_submodule,
     fused_op_available,
+    replace_submodule,
 )
 from npo_merge.guidance.output_store import install_output_stores, remove_output_stores
 from npo_merge.guidance.widened_norm import WidenedNorm, widen_norms
@@ -112,11 +112,11 @@ def enable_npo(
     widened_norms: with backend "auto", also swap the LayerNorms that feed q/k/v, cross-attention q and the
         feed-forward's input projection for `WidenedNorm`s: the norm writes the shrink, one cuBLAS GEMM serves
         the projections (`widen_norms`). For CUDA-graph sampling, where it costs less GPU time (H100, SDXL,
-        attention rank 8: step 1.020-1.026x plain CFG against 1.042-1.045x); eager calls spend more host
-        time on it (1.11-1.18x against 1.00-1.04x), so it is off by default.
-    fused_out: with backend "auto", apply the update of each covered attention output projection and GEGLU
-        projection inside the elementwise pass that reads its output anyway (the attention's division by
-        `rescale_output_factor`, GEGLU's gate), where that times faster (`install_output_stores`).
+        attention rank 8: step 1.005-1.008x plain CFG against 1.027-1.029x); eager calls spend more host
+        time on it (1.18-1.34x against 0.99-1.05x), so it is off by default.
+    fused_out: with backend "auto", apply a covered layer's update inside the elementwise pass that diffusers
+        runs on its output anyway (the attention's rescale, GEGLU's gate, the residual and time-embedding
+        adds of transformer and resnet blocks), where that times faster (`install_output_stores`).
     Raises CompatibilityError naming every key that has no matching layer or the wrong shape.
     """
     pipeline, unet = _split_pipeline(pipe_or_unet)
@@ -164,7 +164,7 @@ def enable_npo(
 def disable_npo(pipe_or_unet: Any) -> int:
     """Put the original layers back (the same module and Parameter objects); returns how many were restored."""
     pipeline, unet = _split_pipeline(pipe_or_unet)
-    remove_output_stores(unet)  # first: NpoGEGLU holds a dual-branch layer
+    remove_output_stores(unet)  # first: the stand-in modules hold dual-branch layers
     restored = 0
     for name, module in list(unet.named_modules()):
         if isinstance(module, WidenedNorm):

@@ -357,7 +357,7 @@ def install_output_stores(unet: nn.Module) -> dict[str, int]:
 
 
 def remove_output_stores(unet: nn.Module) -> None:
-    """Put back the processors and GEGLUs `install_output_stores` replaced (before the layers are released)."""
+    """Undo `install_output_stores`: the original processors, modules and methods (before the layers are released)."""
     for name, module in list(unet.named_modules()):
         processor = getattr(module, "processor", None)
         if isinstance(processor, NpoAttnProcessor):
