@@ -83,6 +83,12 @@ class OutputStore:
             launch = self._launches[key] = self._bind(layer, x, n_uncond, factor, add, usual)
         return None if launch is None else self._run(launch, layer, x, add, factor)
 
+    def output(self, layer: nn.Module, x: torch.Tensor, usual: Callable[[], torch.Tensor], factor: float = 1.0,
+               add: torch.Tensor | None = None) -> torch.Tensor:
+        """The store's result where it serves this call, else `usual()`."""
+        y = self(layer, x, usual, factor, add) if servable(layer) else None
+        return y if y is not None else usual()
+
     def _bind(self, layer: DualBranchLayer, x: torch.Tensor, n_uncond: int, factor: float, add: torch.Tensor | None,
               usual: Callable[[], torch.Tensor]) -> Any:
         """The bound store for calls like this one, or None where the usual code serves them: no kernels, an
@@ -182,43 +188,46 @@ class NpoAttnProcessor:
         def usual() -> torch.Tensor:
             return dropout(layer(x)) / factor
 
-        y = self.store(layer, x, usual, factor)
-        return y if y is not None else usual()
+        return self.store.output(layer, x, usual, factor)
 
 
-class NpoGEGLU(nn.Module):
-    """diffusers' GEGLU (same `proj`, same state_dict) whose gate pass also applies the projection's branch update."""
+class _StandIn(nn.Module):
+    """A module standing in for a diffusers one: the same child modules (so the same state_dict), the original kept
+    unregistered for what the stand-in does not serve and for remove_output_stores. train()/eval() reach the
+    stand-in and the children, not `original`, so the stand-in's own `training` is the one to read."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "original", original)  # unregistered: what remove_output_stores puts back
+        object.__setattr__(self, "original", original)
         self.training = original.training
-        self.proj = original.proj
+        for name, child in original.named_children():
+            self.add_module(name, child)
+
+
+class NpoGEGLU(_StandIn):
+    """diffusers' GEGLU (same `proj`, same state_dict) whose gate pass also applies the projection's branch update."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__(original)
         self.store = OutputStore(gated=True)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not args and not kwargs and servable(self.proj):
-            y = self.store(self.proj, hidden_states, lambda: self.original(hidden_states))
-            if y is not None:
-                return y
-        return self.original(hidden_states, *args, **kwargs)
+        if args or kwargs:
+            return self.original(hidden_states, *args, **kwargs)
+        return self.store.output(self.proj, hidden_states, lambda: self.original(hidden_states))
 
 
-class NpoResnetBlock(nn.Module):
+class NpoResnetBlock(_StandIn):
     """diffusers' ResnetBlock2D (the same submodules, so the same state_dict) whose conv1 update is applied in the
     pass that adds the time embedding and whose conv2 update in the pass that adds the shortcut."""
 
     def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "original", original)  # unregistered: what remove_output_stores puts back
-        self.training = original.training
-        for name, child in original.named_children():
-            self.add_module(name, child)
+        super().__init__(original)
         self.stores = (ChannelStore(), ChannelStore())
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         block = self.original
-        if args or kwargs or self.training:  # train()/eval() reach this module and the children, not `original`
+        if args or kwargs or self.training:
             return block(input_tensor, temb, *args, **kwargs)
         h = block.nonlinearity(block.norm1(input_tensor))
         if block.time_emb_proj is not None:
@@ -231,29 +240,20 @@ class NpoResnetBlock(nn.Module):
             y = conv1(h)
             return y if temb is None else y + temb
 
-        h = self._store(0, conv1, h, first, 1.0, temb)
+        h = self.stores[0].output(conv1, h, first, 1.0, temb)
         h = block.dropout(block.nonlinearity(block.norm2(h)))
         shortcut = input_tensor if block.conv_shortcut is None else block.conv_shortcut(input_tensor)
         factor = block.output_scale_factor
-        return self._store(1, conv2, h, lambda: (shortcut + conv2(h)) / factor, factor, shortcut)
-
-    def _store(self, index: int, conv: nn.Module, x: torch.Tensor, usual: Callable[[], torch.Tensor], factor: float,
-               add: torch.Tensor | None) -> torch.Tensor:
-        y = self.stores[index](conv, x, usual, factor, add) if servable(conv) else None
-        return y if y is not None else usual()
+        return self.stores[1].output(conv2, h, lambda: (shortcut + conv2(h)) / factor, factor, shortcut)
 
 
-class NpoTransformerBlock(nn.Module):
+class NpoTransformerBlock(_StandIn):
     """diffusers' BasicTransformerBlock (the same submodules, so the same state_dict) whose feed-forward output
     projection's update is applied in the pass that adds the residual. Serves the layer-norm blocks of SD1.x, SD2
     and SDXL UNets called without cross_attention_kwargs; other calls run the original block."""
 
     def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "original", original)  # unregistered: what remove_output_stores puts back
-        self.training = original.training
-        for name, child in original.named_children():
-            self.add_module(name, child)
+        super().__init__(original)
         self.store = OutputStore()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -276,8 +276,7 @@ class NpoTransformerBlock(nn.Module):
         def usual() -> torch.Tensor:
             return tail(net[2](inner)) + h
 
-        out = self.store(net[2], inner, usual, 1.0, h) if servable(net[2]) else None
-        return _squeezed(out if out is not None else usual())
+        return _squeezed(self.store.output(net[2], inner, usual, 1.0, h))
 
 
 def _squeezed(h: torch.Tensor) -> torch.Tensor:
@@ -307,8 +306,7 @@ class NpoProjOut:
         def usual() -> torch.Tensor:
             return proj(x) + residual
 
-        y = self.store(proj, x, usual, 1.0, residual) if servable(proj) else None
-        return y if y is not None else usual()
+        return self.store.output(proj, x, usual, 1.0, residual)
 
 
 def _plain_resnet(module: nn.Module) -> bool:
