@@ -103,7 +103,7 @@ SMOKE_UNETS = {
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 LORAS = {"attn-r8": ("attention", 8), "all-r64": ("linear+conv", 64)}
 ROWS = ("two_unets", "plain", "plain_fused_qkv", "peft_toggle", "peft_both", "npo_lowrank", "npo_stacked", "npo_fused", "npo_auto", "npo_auto_ungrouped", "npo_auto_widened",
-        "npo_auto_no_store", "npo_auto_widened_no_store", "peft_mixed")
+        "npo_auto_unwidened", "npo_auto_no_store", "npo_auto_widened_no_store", "peft_mixed")
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
@@ -237,10 +237,11 @@ def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) 
     elif row == "npo_auto_ungrouped":  # auto without grouped q/k/v launches: every layer on its own
         with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", group_inputs=False):
             yield unet, [unet]
-    elif row in ("npo_auto_widened", "npo_auto_no_store", "npo_auto_widened_no_store"):
-        # widened: the norms feeding q/k/v, cross-attention q and the FF widened; no_store: without the
-        # attention processor that applies to_out's update in the rescale pass
-        with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", widened_norms="widened" in row,
+    elif row in ("npo_auto_widened", "npo_auto_unwidened", "npo_auto_no_store", "npo_auto_widened_no_store"):
+        # widened: the widened norms serve eager calls too; unwidened: no widened norms (npo_auto: CUDA-graph
+        # captures only); no_store: without the output stores
+        widened = {"npo_auto_widened": True, "npo_auto_widened_no_store": True, "npo_auto_unwidened": False}.get(row, "graphs")
+        with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", widened_norms=widened,
                         fused_out="no_store" not in row):
             yield unet, [unet]
     elif row == "peft_toggle":

@@ -458,7 +458,7 @@ def test_norm_fed_projections_in_one_wide_gemm(cases, arch, coverage, monkeypatc
             if hasattr(module, "set_backend"):
                 module.set_backend("auto")
         norms = 2 if coverage == "attention" else 3
-        assert widened_norm.widen_norms(unet) == norms * len(blocks)
+        assert widened_norm.widen_norms(unet, eager=True) == norms * len(blocks)
         assert all(isinstance(b.norm1, widened_norm.WidenedNorm) for b in blocks)
         assert unet.state_dict().keys() == state.keys()
         assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
@@ -487,23 +487,76 @@ def _graph_replay(unet, inputs) -> torch.Tensor:
     return captured
 
 
+def _count_widened(monkeypatch) -> Counter:
+    """Counts WideGroup.normalize calls by whether the widened path served them."""
+    from npo_merge.guidance import widened_norm
+
+    served = Counter()
+    normalize = widened_norm.WideGroup.normalize
+
+    def counting(self, *args):
+        y = normalize(self, *args)
+        served[y is not None] += 1
+        return y
+
+    monkeypatch.setattr(widened_norm.WideGroup, "normalize", counting)
+    return served
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_widened_norms_serve_graph_captures_and_bind_at_eager_calls(cases, arch, monkeypatch):
+    """By default the widened path serves CUDA-graph captures only: an eager call runs the usual norm and
+    projections (q/k/v in one eager group) and binds the widened launch for its shape; a capture (simulated)
+    then takes the widened path. Both give the two-UNet result."""
+    from npo_merge.guidance import widened_norm
+
+    unet, deltas, inputs, reference, _ = cases[arch, "attention"]
+    monkeypatch.setattr(widened_norm, "_norm_launcher", lambda: (_TorchNormLaunch, _torch_norm_shrink, True))
+    monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
+    monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)
+    served = _count_widened(monkeypatch)
+    with enable_npo(unet, deltas, mode="cfg", backend="torch") as handle:
+        for module in handle.modules.values():
+            if hasattr(module, "set_backend"):
+                module.set_backend("auto")
+        norms = widened_norm.widen_norms(unet)
+        groups = [m.group for m in unet.modules() if isinstance(m, widened_norm.WidenedNorm)]
+        assert norms == len(groups) > 0
+        assert all((g.eager_group is not None) == (len(g.members) == 3) for g in groups)
+        for _ in range(2):  # the first eager call binds, the second finds the shape bound
+            assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+        assert served == {False: 2 * norms}
+        assert all(len(g._launches) == 1 and None not in g._launches.values() for g in groups)
+        served.clear()
+        monkeypatch.setattr(widened_norm, "_capturing", lambda t: True)
+        assert max_rel_err(_call(unet, inputs), reference) < 1e-5
+        assert served == {True: norms}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("arch", ARCHS)
-def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, monkeypatch):
-    """On CUDA (fp16) the real norm kernel serves every norm-fed projection: the result matches the ungrouped
-    layers, and a CUDA graph captured after an eager call replays it."""
+@pytest.mark.parametrize("widened", [True, "graphs"])
+def test_widened_norms_with_the_triton_kernel_eager_and_in_a_cuda_graph(arch, widened, monkeypatch):
+    """On CUDA (fp16) the real norm kernel serves every norm-fed projection (eager calls too, with
+    widened_norms=True): the result matches the ungrouped layers, and a CUDA graph captured after an eager
+    call replays it. With "graphs", eager calls take the usual path (q/k/v grouped over the wide rows)."""
     from npo_merge.guidance import widened_norm
 
     monkeypatch.setattr(widened_norm, "MIN_ROWS", 0)
     monkeypatch.setattr(widened_norm, "MAX_TAIL_FRACTION", 100.0)
     unet, deltas, inputs = _cuda_case(arch)
-    with enable_npo(unet, deltas, mode="cfg", backend="auto", group_inputs=False):
+    with enable_npo(unet, deltas, mode="cfg", backend="auto", group_inputs=False, widened_norms=False):
         reference = _call(unet, inputs)
-    with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=True) as handle:
-        assert handle.counts["WidenedNorm"] > 0
+    served = _count_widened(monkeypatch)
+    with enable_npo(unet, deltas, mode="cfg", backend="auto", widened_norms=widened) as handle:
+        norms = handle.counts["WidenedNorm"]
+        assert norms > 0
         eager = _call(unet, inputs)
+        assert served == {widened is True: norms}
         assert max_rel_err(eager, reference) < 1e-2
-        assert max_rel_err(_graph_replay(unet, inputs), eager) < 1e-3
+        served.clear()
+        assert max_rel_err(_graph_replay(unet, inputs), eager) < 1e-2
+        assert served == {True: norms}
 
 
 def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
@@ -522,7 +575,7 @@ def test_widened_norms_trace_fullgraph_under_torch_compile(cases, monkeypatch):
         for module in handle.modules.values():
             if hasattr(module, "set_backend"):
                 module.set_backend("auto")
-        assert widened_norm.widen_norms(unet) > 0
+        assert widened_norm.widen_norms(unet, eager=True) > 0
         eager = block(x, encoder_hidden_states=text, return_dict=False)[0]  # the widened path serves this call
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x, encoder_hidden_states=text, return_dict=False)[0], eager,

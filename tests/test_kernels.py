@@ -225,6 +225,28 @@ def test_triton_table_kernel_matches_float64(members, rank, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("members", [3, 4])
+def test_triton_group_reads_weights_that_are_rows_of_a_wider_matrix(members):
+    """Weights as rows of one [W | B | 0] matrix (a WideGroup's layout, one row stride): the group (3 members)
+    and table (4) launches read them in place and never touch the columns past K (NaN there)."""
+    from npo_merge.guidance.kernels.dual_linear_group import launch_group
+
+    rows, k, n, rank, n_uncond, dtype = 70, 40, 40, 8, 35, torch.float16
+    layers = [_layer(rows, k, n, rank, dtype, seed=60 + i) for i in range(members)]
+    wide = torch.full((members * n, 64), float("nan"), dtype=dtype, device=DEVICE)
+    weights = []
+    for i, (_, weight, _, _, _) in enumerate(layers):
+        wide[i * n:(i + 1) * n, :k] = weight
+        weights.append(wide[i * n:(i + 1) * n, :k])
+    x, scales = layers[0][0], [SCALE, -0.5, 1.25, 2.0][:members]
+    got = launch_group(x, weights, [lay[2] for lay in layers], [lay[3] for lay in layers], [lay[4] for lay in layers],
+                       scales, n_uncond, config=SMALL)
+    for (_, weight, b, down, up), scale, out in zip(layers, scales, got):
+        ref = dual_branch_linear_reference(*_float64(x, weight, b, down, up), scale, n_uncond)
+        _assert_branches_close(out, ref, n_uncond, TOLERANCE[dtype])
+
+
+@needs_triton
 def test_table_launch_follows_new_scales_and_moved_weights():
     """A bound table launch re-reads addresses and scales each call: a new scale or a weight given new storage
     takes effect at the next call."""
@@ -256,6 +278,9 @@ def test_triton_group_refuses_members_that_do_not_fit():
         TableLaunch(x, [weight] * 3 + [other[1]], [bias] * 3 + [other[2]], [down] * 4, [up] * 3 + [other[4]], 4)
     with pytest.raises(ValueError, match="1 to 3 members"):
         GroupLaunch(x, [weight] * 4, [bias] * 4, [down] * 4, [up] * 4, 4)
+    strided = torch.zeros(16, 24, device=DEVICE)[:, :16]  # rows of another stride than weight's
+    with pytest.raises(ValueError, match="row stride"):
+        launch_group(x, [weight, strided], [bias, bias], [down, down], [up, up], [1.0, 1.0], 4)
 
 
 @needs_triton
@@ -462,9 +487,11 @@ def test_op_under_inductor_on_cuda():
 
 
 @needs_cuda
-def test_bound_eager_launch_matches_the_general_launch_and_the_reference():
+@pytest.mark.parametrize("row_stride", [320, 384])
+def test_bound_eager_launch_matches_the_general_launch_and_the_reference(row_stride):
     """A layer's second eager call of a shape launches the compiled kernel directly (Triton internals):
-    bit for bit what the general launch gave, within tolerance of float64; unaligned input falls back."""
+    bit for bit what the general launch gave, within tolerance of float64; unaligned input falls back.
+    A weight whose rows are a wider matrix's (a WideGroup member's) binds with its row stride."""
     from npo_merge.delta.types import LowRank
     from npo_merge.guidance.dual_branch import BranchDelta, DualBranchLinear
     from npo_merge.guidance.kernels.dual_linear_triton import BoundLaunch
@@ -472,6 +499,7 @@ def test_bound_eager_launch_matches_the_general_launch_and_the_reference():
     x, weight, bias, down, up = _layer(2 * 1024, 320, 640, 8, torch.float16, seed=4)
     linear = torch.nn.Linear(320, 640).to(DEVICE, torch.float16)
     with torch.no_grad():
+        linear.weight.data = torch.full((640, row_stride), float("nan"), dtype=torch.float16, device=DEVICE)[:, :320]
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
         layer = DualBranchLinear(linear, BranchDelta(LowRank(down, up, alpha=8.0)))  # scale alpha / rank = 1

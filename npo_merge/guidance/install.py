@@ -91,7 +91,7 @@ def enable_npo(
     path: BranchPath = "lowrank",
     backend: Literal["auto", "torch", "fused"] = "auto",
     group_inputs: bool = True,
-    widened_norms: bool = False,
+    widened_norms: bool | Literal["graphs"] = "graphs",
     fused_out: bool = True,
 ) -> NpoHandle:
     """Make the UNet serve theta_c to the cond half and theta_c + eta * delta to the uncond half of each batch.
@@ -109,11 +109,12 @@ def enable_npo(
         eager route as one op (`routed_op`); "torch" never uses it.
     group_inputs: with backend "auto", serve projections that read the same input with one grouped launch
         (each self-attention's q/k/v; all cross-attention k/v of one width; `group_shared_inputs`).
-    widened_norms: with backend "auto", also swap the LayerNorms that feed q/k/v, cross-attention q and the
-        feed-forward's input projection for `WidenedNorm`s: the norm writes the shrink, one cuBLAS GEMM serves
-        the projections (`widen_norms`). For CUDA-graph sampling, where it costs less GPU time (H100, SDXL,
-        attention rank 8: step 1.005-1.008x plain CFG against 1.027-1.029x); eager calls spend more host
-        time on it (1.18-1.34x against 0.99-1.05x), so it is off by default.
+    widened_norms: with backend "auto", also swap the LayerNorms that feed q/k/v, cross-attention q and (without
+        `fused_out`) the feed-forward's input projection for `WidenedNorm`s: the norm writes the shrink, one
+        cuBLAS GEMM serves the projections (`widen_norms`). That costs less GPU time (H100, SDXL, attention
+        rank 8, CUDA-graph step: 1.005-1.008x plain CFG against 1.027-1.029x) and more host time (eager step
+        1.18-1.34x against 0.99-1.05x). "graphs" (default): the widened path serves CUDA-graph captures only,
+        eager calls run the usual path; True: every call it can serve; False: no swap.
     fused_out: with backend "auto", apply a covered layer's update inside the elementwise pass that diffusers
         runs on its output anyway (the attention's rescale, GEGLU's gate, the residual and time-embedding
         adds of transformer and resnet blocks), where that times faster (`install_output_stores`).
@@ -124,6 +125,8 @@ def enable_npo(
         raise InputError(f"unknown branch mode {mode!r}: use auto, {', '.join(BRANCH_MODES)}")
     if path not in PATHS:
         raise InputError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
+    if widened_norms not in (True, False, "graphs"):
+        raise InputError(f"unknown widened_norms {widened_norms!r}: use 'graphs', True or False")
     if any(isinstance(m, DualBranchLayer) for m in unet.modules()):
         raise InputError("NPO is already enabled on this UNet: call disable_npo first")
     if mode == "auto" and pipeline is not None:
@@ -150,7 +153,10 @@ def enable_npo(
     for module in modules.values():
         key = f"{type(module).__name__}:{module.strategy}"
         counts[key] = counts.get(key, 0) + 1
-    widened = widen_norms(unet) if widened_norms and layer_backend == "auto" else 0
+    widened = 0
+    if widened_norms and layer_backend == "auto":
+        widened = widen_norms(unet, eager=widened_norms is True, group_inputs=group_inputs,
+                              feed_forward=not fused_out)
     if widened:
         counts["WidenedNorm"] = widened
     groups = group_shared_inputs(unet) if group_inputs else 0

@@ -2,16 +2,18 @@
 
 In a diffusers transformer block, `norm1`'s output feeds only the self-attention's q/k/v, `norm2`'s only the
 cross-attention's q and `norm3`'s only the feed-forward's input projection. `WidenedNorm` replaces such a
-norm (`enable_npo(..., widened_norms=True)`, meant for CUDA-graph sampling): it runs a Triton LayerNorm
+norm (`enable_npo`'s `widened_norms`): it runs a Triton LayerNorm
 (`kernels.norm_shrink`) that writes rows [LN(h) | s * LN(h_u) A^T | 0] into a buffer K + tail wide and
 returns the LN(h) view. `WideGroup` stores its projections' weights as rows of one matrix
 [W | B | 0] (the Parameters become views of it: W is still stored once), so when a projection is called
 with that very view, one GEMM over the wide rows computes every member's x W^T + s (x A^T) B^T at once:
 no update pass, no second launch, the extra cost being the tail's share of K.
 
-Any other call (another input, small batches, torch.compile, autograd) runs the norm and the
-projections as usual (the projections on their own dual-branch paths), so results never depend on
-whether the fast path served. The tail is padded to a multiple of 64 elements: cuBLAS ran the GEMM
+The widened path costs less GPU time and more host time (an extra Triton launch per norm, where eager
+sampling is host-bound), so by default it serves CUDA-graph captures only; eager calls (bound for capture
+at their first call) run the norm and the projections as usual, q/k/v with one grouped launch. Any
+other call (another input, small batches, torch.compile, autograd) runs the usual path too, so results
+never depend on whether the fast path served. The tail is padded to a multiple of 64 elements: cuBLAS ran the GEMM
 up to 1.4x slower with rows of K + 8 elements (H100, fp16).
 """
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npo_merge.guidance.dual_branch import DualBranchLinear, uncond_rows
+from npo_merge.guidance.dual_branch import GROUP_MAX_RANK, DualBranchLinear, InputGroup, _capturing, uncond_rows
 
 __all__ = ["WideGroup", "WidenedNorm", "widen_norms"]
 
@@ -56,12 +58,19 @@ def _norm_launcher() -> tuple | None:
 
 
 class WideGroup:
-    """Low-rank dual-branch linears that read one LayerNorm's output, with weights stored as [W | B | 0] rows."""
+    """Low-rank dual-branch linears that read one LayerNorm's output, with weights stored as [W | B | 0] rows.
+
+    eager: the widened path serves eager calls too, not only CUDA-graph captures. group_inputs: where the
+    widened path does not serve, two or more members take one grouped launch (`InputGroup`) over their
+    strided weights."""
 
     owns_weights = True  # DualBranchLayer._join leaves the layout of members to the group
 
-    def __init__(self, members: list[DualBranchLinear]) -> None:
+    def __init__(self, members: list[DualBranchLinear], *, eager: bool = False, group_inputs: bool = True) -> None:
         self.members = members
+        self.eager = eager
+        grouped = group_inputs and len(members) > 1 and all(m.down.shape[0] <= GROUP_MAX_RANK for m in members)
+        self.eager_group = InputGroup(members) if grouped else None  # before `member.group = self` below
         self._index = {id(member): i for i, member in enumerate(members)}
         self.in_features = members[0].in_features
         ranks = [m.down.shape[0] for m in members]
@@ -72,6 +81,7 @@ class WideGroup:
         self._params = [p for m in members for p in (m.weight, m.bias) if p is not None]
         self._layout()
         self._launches: dict[tuple, object] = {}
+        self._bound: set[tuple] = set()  # (shape, mode) of eager calls bound for a later capture
         self._scales: tuple[float, ...] | None = None
         self._scale_rows: torch.Tensor | None = None
         self._source: tuple | None = None  # (view, n_uncond, (version, capturing)) of the last widened output
@@ -103,13 +113,20 @@ class WideGroup:
         self.weight, self.down, self.bias = wide, downs, bias
         self._addresses = tuple(p.data_ptr() for p in self._params)
         self._stale = False
+        for member in members:  # bound launches keep the weights' old row stride
+            member._routes.clear()
+        if self.eager_group is not None:
+            self.eager_group.clear()
 
     def clear(self) -> None:
         """Members moved or changed backend: forget launches and pending outputs (the layout is checked
         at the next call)."""
         self._launches.clear()
+        self._bound.clear()
         self._source, self._pending = None, {}
         self._stale = True
+        if self.eager_group is not None:
+            self.eager_group.clear()
 
     def release(self) -> None:
         """Give the members their own storage again (disable_npo)."""
@@ -119,7 +136,7 @@ class WideGroup:
             if member.bias is not None:
                 member.bias.data = member.bias.data.clone()
             member.group = None
-        self.weight = self.down = self.bias = None
+        self.weight = self.down = self.bias = self.eager_group = None
         self._source, self._pending = None, {}
 
     def _ready(self, capturing: bool) -> bool:
@@ -141,10 +158,15 @@ class WideGroup:
         return True
 
     def normalize(self, norm: nn.LayerNorm, h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor | None:
-        """LN(h) as a view of the widened rows, ready for the members; None where this call takes the usual path."""
+        """LN(h) as a view of the widened rows, ready for the members; None where this call takes the usual path.
+        An eager call the widened path does not serve (`eager` off) binds the launch for its shape, so that a
+        CUDA graph captured later can take it."""
+        capturing = _capturing(h)
+        bind_only = not (capturing or self.eager)
+        if bind_only and (h.shape, self.members[0].mode) in self._bound:
+            return None  # the usual path, with as little host time as can be: eager sampling is host-bound
         if torch.is_grad_enabled() and (h.requires_grad or gamma.requires_grad):
             return None
-        capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
         if not self._ready(capturing):
             return None
         if not h.is_contiguous():  # e.g. SD1.5's permuted proj_in output (torch's LayerNorm copies it too)
@@ -156,6 +178,9 @@ class WideGroup:
             if capturing:
                 return None
             launch = self._launches[key] = self._bind(norm, h, n_uncond * (h.numel() // (h.shape[0] * h.shape[-1])))
+        if bind_only:
+            self._bound.add((h.shape, self.members[0].mode))
+            return None
         if launch is None:
             return None
         wide = launch(h, gamma, beta, self.down, self._scale_rows)
@@ -179,13 +204,12 @@ class WideGroup:
         return launch_class(h, self.width, self.rank, flat_uncond, norm.eps, direct)
 
     def output(self, member: DualBranchLinear, x: torch.Tensor, n_uncond: int) -> torch.Tensor | None:
-        """This member's output for the widened view x (all members' from one GEMM); None for any other x."""
+        """This member's output for the widened view x (all members' from one GEMM); for any other x, the
+        members' grouped launch where there is one, else None (the member's own path)."""
         source = self._source
-        if source is None or source[0] is not x or source[1] != n_uncond:
-            return None
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if source[2] != (-1 if x.is_inference() else x._version, capturing):
-            return None
+        if (source is None or source[0] is not x or source[1] != n_uncond
+                or source[2] != (-1 if x.is_inference() else x._version, _capturing(x))):
+            return None if self.eager_group is None else self.eager_group.output(member, x, n_uncond)
         index = self._index[id(member)]
         y = self._pending.pop(index, None)
         if y is None:
@@ -255,11 +279,11 @@ def _norm_feeds(block: nn.Module) -> list[tuple[str, list]]:
     return feeds
 
 
-def widen_norms(unet: nn.Module) -> int:
+def widen_norms(unet: nn.Module, *, eager: bool = False, group_inputs: bool = True, feed_forward: bool = True) -> int:
     """Swap each transformer block's norm1 (feeding self-attention q/k/v), norm2 (cross-attention q) and norm3
-    (the feed-forward's input projection) for a `WidenedNorm` where all those projections are low-rank
-    dual-branch layers on backend "auto"; returns how many norms were swapped. Run before
-    `group_shared_inputs` takes q/k/v into launch groups."""
+    (the feed-forward's input projection; not with `feed_forward` off) for a `WidenedNorm` where all those
+    projections are low-rank dual-branch layers on backend "auto"; returns how many norms were swapped.
+    `eager`, `group_inputs`: see `WideGroup`. Run before `group_shared_inputs` takes q/k/v into launch groups."""
     swapped = 0
     for block in list(unet.modules()):
         # diffusers' BasicTransformerBlock keeps the flag as a plain attribute (a model's config flag is not one).
@@ -267,7 +291,7 @@ def widen_norms(unet: nn.Module) -> int:
             continue
         for norm_name, members in _norm_feeds(block):
             norm = getattr(block, norm_name, None)
-            if _widenable(norm, members):
-                setattr(block, norm_name, WidenedNorm(norm, WideGroup(members)))
+            if (feed_forward or norm_name != "norm3") and _widenable(norm, members):
+                setattr(block, norm_name, WidenedNorm(norm, WideGroup(members, eager=eager, group_inputs=group_inputs)))
                 swapped += 1
     return swapped

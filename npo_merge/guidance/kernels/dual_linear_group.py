@@ -7,7 +7,8 @@ uncond tiles). Small layers gain most: three 640-channel projections fill the GP
 than one by one, and two launches fewer cost less host time in eager mode.
 
 Up to three members take pointer arguments (`GroupLaunch`); more take their addresses from a device
-table (`TableLaunch`). Members must agree on shape, rank and dtype, with contiguous tensors.
+table (`TableLaunch`). Members must agree on shape, rank and dtype. Their weights may be row-strided views
+with one row stride (a `WideGroup` keeps them as rows of a wider matrix); every other tensor is contiguous.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _member_position(members, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 @triton.jit(do_not_specialize=["n_uncond"])
 def _dual_linear_group_kernel(
     x_ptr, w0, w1, w2, b0, b1, b2, d0, d1, d2, u0, u1, u2, o0, o1, o2,
-    M, N, K, R, n_uncond, scale0, scale1, scale2, stride_xm,
+    M, N, K, R, n_uncond, scale0, scale1, scale2, stride_xm, stride_wn,
     MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -70,14 +71,14 @@ def _dual_linear_group_kernel(
     pid_m, member, pid_n = _member_position(MEMBERS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     _member_tile(x_ptr, _pick(member, w0, w1, w2), _pick(member, b0, b1, b2), _pick(member, d0, d1, d2),
                  _pick(member, u0, u1, u2), _pick(member, o0, o1, o2), _pick(member, scale0, scale1, scale2),
-                 pid_m, pid_n, M, N, K, R, n_uncond, stride_xm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                 pid_m, pid_n, M, N, K, R, n_uncond, stride_xm, stride_wn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                  EVEN_K, DOT_PRECISION, UPCAST)
 
 
 @triton.jit(do_not_specialize=["n_uncond"])
 def _dual_linear_table_kernel(
     x_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, table_ptr, scales_ptr, out_ptr,
-    M, N, K, R, n_uncond, members, stride_xm,
+    M, N, K, R, n_uncond, members, stride_xm, stride_wn,
     HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -92,13 +93,13 @@ def _dual_linear_table_kernel(
     bias_ptr += tl.multiple_of(tl.load(table_ptr + 3 * members + member), ALIGN)
     out_ptr += member.to(tl.int64) * M * N
     _member_tile(x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, out_ptr, tl.load(scales_ptr + member), pid_m, pid_n,
-                 M, N, K, R, n_uncond, stride_xm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K,
+                 M, N, K, R, n_uncond, stride_xm, stride_wn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K,
                  DOT_PRECISION, UPCAST)
 
 
 @triton.jit
 def _member_tile(x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, out_ptr, scale, pid_m, pid_n, M, N, K, R, n_uncond,
-                 stride_xm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 stride_xm, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr):
     """One member's (BLOCK_M, BLOCK_N) output tile, stored."""
@@ -109,7 +110,7 @@ def _member_tile(x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, out_ptr, scale, pid_m
     rows = offs_m % M
     cols = offs_n % N
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * K
+    w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * stride_wn
     acc = _fused_tile(x_ptrs, w_ptrs, down_ptr, up_ptr, offs_m, offs_k, offs_r, cols, K, R, n_uncond, scale,
                       pid_m * BLOCK_M < n_uncond, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
@@ -135,20 +136,24 @@ def pick_group_config(m: int, n: int, k: int, rank: int, members: int, element_s
 
 
 def _check_members(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-                   downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor]) -> tuple[int, int, int]:
-    """(out_features, in_features, rank) of members that fit one launch; ValueError where they do not."""
+                   downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor]) -> tuple[int, int, int, int]:
+    """(out_features, in_features, rank, weight row stride) of members that fit one launch; ValueError where
+    they do not."""
     if not weights:
         raise ValueError("a group needs at least one member")
     out_features, in_features = weights[0].shape
     rank = downs[0].shape[0]
-    tensors = [*weights, *downs, *ups, *(b for b in biases if b is not None)]
-    if (any(w.shape != weights[0].shape for w in weights) or any(d.shape != downs[0].shape for d in downs)
+    stride = weights[0].stride()
+    tensors = [*downs, *ups, *(b for b in biases if b is not None)]
+    if (any(w.shape != weights[0].shape or w.stride() != stride for w in weights) or stride[1] != 1
+            or stride[0] < in_features or any(d.shape != downs[0].shape for d in downs)
             or any(u.shape != (out_features, rank) for u in ups) or not x.is_contiguous()
-            or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
+            or any(t.dtype != x.dtype for t in (*weights, *tensors)) or not all(t.is_contiguous() for t in tensors)
             or len({b is None for b in biases}) != 1 or x.shape[-1] != in_features
             or not len(weights) == len(biases) == len(downs) == len(ups)):
-        raise ValueError("group members must share shape, rank and dtype, with contiguous tensors")
-    return out_features, in_features, rank
+        raise ValueError("group members must share shape, rank, dtype and weight row stride, with contiguous "
+                         "factors, biases and input")
+    return out_features, in_features, rank, stride[0]
 
 
 class GroupLaunch:
@@ -166,7 +171,7 @@ class GroupLaunch:
         members = len(weights)
         if not 1 <= members <= MAX_MEMBERS:
             raise ValueError(f"a group launch has 1 to {MAX_MEMBERS} members, got {members} (TableLaunch takes more)")
-        out_features, in_features, rank = _check_members(x, weights, biases, downs, ups)
+        out_features, in_features, rank, stride_wn = _check_members(x, weights, biases, downs, ups)
         m = x.numel() // in_features
         cfg = config or pick_group_config(m, out_features, in_features, rank, members, x.dtype.itemsize)
         pad = MAX_MEMBERS - members  # unused member slots repeat member 0; the grid never reaches them
@@ -178,6 +183,7 @@ class GroupLaunch:
                       *downs, *[downs[0]] * pad, *ups, *[ups[0]] * pad)
         self._out_shape = (*x.shape[:-1], out_features)
         self._sizes = (m, out_features, in_features, rank, n_uncond)
+        self._strides = (in_features, stride_wn)
         self._grid = (triton.cdiv(m, cfg.block_m) * members * triton.cdiv(out_features, cfg.block_n),)
         self._constants = dict(
             MEMBERS=members, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -205,7 +211,7 @@ class GroupLaunch:
             return outs
         pad = self._pad
         tensors = (x, *self._weights, *self._rest, *outs, *[outs[0]] * pad)
-        sizes = (*self._sizes, *scales, *[scales[0]] * pad, self._sizes[2])
+        sizes = (*self._sizes, *scales, *[scales[0]] * pad, *self._strides)
         if self._direct is not None:
             # Pointers as integers: the launcher takes them as they are, where for a tensor it calls
             # data_ptr() and asks the driver about the pointer (about 0.25 us each, 16 per launch).
@@ -234,7 +240,7 @@ class TableLaunch:
     def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                  downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], n_uncond: int,
                  config: KernelConfig | None = None):
-        out_features, in_features, rank = _check_members(x, weights, biases, downs, ups)
+        out_features, in_features, rank, stride_wn = _check_members(x, weights, biases, downs, ups)
         members = len(weights)
         m = x.numel() // in_features
         cfg = config or pick_group_config(m, out_features, in_features, rank, members, x.dtype.itemsize)
@@ -243,7 +249,7 @@ class TableLaunch:
         self._rows = (weights, downs, ups, biases if has_bias else weights)
         self._members = members
         self._out_shape = (*x.shape[:-1], out_features)
-        self._sizes = (m, out_features, in_features, rank, n_uncond, members, in_features)
+        self._sizes = (m, out_features, in_features, rank, n_uncond, members, in_features, stride_wn)
         self._grid = (triton.cdiv(m, cfg.block_m) * members * triton.cdiv(out_features, cfg.block_n),)
         self._constants = dict(
             HAS_BIAS=has_bias, ALIGN=16 // x.element_size(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -296,8 +302,8 @@ def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
                  outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Every member's output (x's leading shape, out_features) from one launch.
 
-    x (..., in) contiguous; weights (out, in), downs (r, in), ups (out, r), biases (out,) or all None;
-    n_uncond counts rows of x flattened to 2-D. ``outs`` (up to MAX_MEMBERS members): tensors to write
+    x (..., in) contiguous; weights (out, in), rows of one stride; downs (r, in), ups (out, r), biases (out,)
+    or all None; n_uncond counts rows of x flattened to 2-D. ``outs`` (up to MAX_MEMBERS members): tensors to write
     into. Raises ValueError when the members do not fit together.
     """
     scales = [float(s) for s in scales]

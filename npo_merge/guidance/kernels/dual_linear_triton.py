@@ -331,6 +331,7 @@ class BoundLaunch:
         out_features, in_features = weight.shape
         self._out_shape = (*x.shape[:-1], out_features)
         self._sizes = (x.numel() // in_features, out_features, in_features, down.shape[0], n_uncond)
+        self._strides = (in_features, weight.stride(0))  # x's rows, W's rows (a view of a wider matrix's)
         self._constexprs = variant.constexprs
         self._direct = direct
         self._fallback = fallback
@@ -346,21 +347,23 @@ class BoundLaunch:
         out = x.new_empty(self._out_shape)
         op = out.data_ptr()
         m, n, k, rank, n_uncond = self._sizes
-        self._direct(_current_stream(), xp, wp, bp, dp, up_p, op, op, m, n, k, rank, n_uncond, scale, k, k,
-                     *self._constexprs)
+        self._direct(_current_stream(), xp, wp, bp, dp, up_p, op, op, m, n, k, rank, n_uncond, scale,
+                     *self._strides, *self._constexprs)
         return out
 
 
 def bind_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                 up: torch.Tensor, n_uncond: int, fallback: Callable[..., torch.Tensor]) -> BoundLaunch | None:
     """A BoundLaunch for this call shape once the kernel ran for it, else None (not launched yet, strided
-    or unaligned tensors, a separate-shrink variant, or no direct launch on this Triton)."""
+    or unaligned tensors, a separate-shrink variant, or no direct launch on this Triton). The weight's rows
+    may be strided (the bound launch keeps that stride: the layer's routes are rebound when it changes)."""
     out_features, in_features = weight.shape
-    if not all(t.is_contiguous() for t in (x, weight, down, up)) or (bias is not None and not bias.is_contiguous()):
+    if (not all(t.is_contiguous() for t in (x, down, up)) or weight.stride(1) != 1
+            or (bias is not None and not bias.is_contiguous())):
         return None
     variant = _launch_plan(x.numel() // in_features, out_features, in_features, down.shape[0], x.dtype,
                            bias is not None, n_uncond, "auto", None, _dot_precision(x.dtype))
-    direct = variant.direct.get((in_features, in_features))
+    direct = variant.direct.get((in_features, weight.stride(0)))
     if direct is None or not variant.fused:
         return None
     return BoundLaunch(x, weight, down, n_uncond, variant, direct, fallback)
