@@ -35,7 +35,7 @@ from npo_merge.guidance.dual_branch import (
     uncond_rows,
 )
 
-__all__ = ["ChannelStore", "NpoAttnProcessor", "NpoGEGLU", "NpoProjOut", "NpoResnetBlock", "NpoTransformerBlock",
+__all__ = ["ChannelStore", "NpoAttentionCall", "NpoAttnProcessor", "NpoGEGLU", "NpoProjOut", "NpoResnetBlock", "NpoTransformerBlock",
            "OutputStore", "install_output_stores", "remove_output_stores"]
 
 
@@ -188,7 +188,26 @@ class NpoAttnProcessor:
         def usual() -> torch.Tensor:
             return dropout(layer(x)) / factor
 
-        return self.store.output(layer, x, usual, factor)
+        y = self.store(layer, x, usual, factor)  # the layer was found servable above
+        return y if y is not None else usual()
+
+
+class NpoAttentionCall:
+    """An attention's `forward` (instance attribute) while it runs an `NpoAttnProcessor`: the processor is called
+    at once. diffusers' Attention.forward takes `inspect.signature` of the processor on every call to filter
+    `cross_attention_kwargs`, host time that eager sampling (host-bound) pays 140 times a step on SDXL; calls
+    with such kwargs, or after the processor was changed, still go through it."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+    def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **cross_attention_kwargs: Any) -> torch.Tensor:
+        attn = self.attn
+        if cross_attention_kwargs or type(attn.processor) is not NpoAttnProcessor:
+            return type(attn).forward(attn, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+        return attn.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask)
 
 
 class _StandIn(nn.Module):
@@ -337,6 +356,8 @@ def install_output_stores(unet: nn.Module) -> dict[str, int]:
         if (type(getattr(module, "processor", None)) is AttnProcessor2_0 and isinstance(to_out, nn.ModuleList)
                 and len(to_out) == 2 and servable(to_out[0])):
             module.set_processor(NpoAttnProcessor(module.processor))
+            if "forward" not in module.__dict__:  # e.g. accelerate's offload hook has its own there: keep it
+                module.__dict__["forward"] = NpoAttentionCall(module)
             counts["NpoAttnProcessor"] += 1
         elif type(module) is GEGLU and servable(module.proj) and module.proj.out_features % 2 == 0:
             replace_submodule(unet, name, NpoGEGLU(module))
@@ -360,6 +381,8 @@ def remove_output_stores(unet: nn.Module) -> None:
         processor = getattr(module, "processor", None)
         if isinstance(processor, NpoAttnProcessor):
             module.set_processor(processor.original)
+            if isinstance(module.__dict__.get("forward"), NpoAttentionCall):
+                del module.__dict__["forward"]
         elif isinstance(module, (NpoGEGLU, NpoResnetBlock, NpoTransformerBlock)):
             replace_submodule(unet, name, module.original.train(module.training))
         elif isinstance(module.__dict__.get(_PROJ_OUT), NpoProjOut):
