@@ -240,7 +240,8 @@ def row_model(row: str, unet: nn.Module, deltas: dict[str, LowRank], rank: int) 
     elif row in ("npo_auto_widened", "npo_auto_unwidened", "npo_auto_no_store", "npo_auto_widened_no_store"):
         # widened: the widened norms serve eager calls too; unwidened: no widened norms (npo_auto: CUDA-graph
         # captures only); no_store: without the output stores
-        widened = {"npo_auto_widened": True, "npo_auto_widened_no_store": True, "npo_auto_unwidened": False}.get(row, "graphs")
+        widened = {"npo_auto_widened": True, "npo_auto_widened_no_store": True,
+                   "npo_auto_unwidened": False}.get(row, "graphs")
         with enable_npo(unet, deltas, mode="cfg", path="lowrank", backend="auto", widened_norms=widened,
                         fused_out="no_store" not in row):
             yield unet, [unet]

@@ -113,7 +113,7 @@ def enable_npo(
         `fused_out`) the feed-forward's input projection for `WidenedNorm`s: the norm writes the shrink, one
         cuBLAS GEMM serves the projections (`widen_norms`). That costs less GPU time (H100, SDXL, attention
         rank 8, CUDA-graph step: 1.005-1.008x plain CFG against 1.027-1.029x) and more host time (eager step
-        1.18-1.34x against 0.99-1.05x). "graphs" (default): the widened path serves CUDA-graph captures only,
+        1.12-1.34x against 0.99-1.05x). "graphs" (default): the widened path serves CUDA-graph captures only,
         eager calls run the usual path; True: every call it can serve; False: no swap.
     fused_out: with backend "auto", apply a covered layer's update inside the elementwise pass that diffusers
         runs on its output anyway (the attention's rescale, GEGLU's gate, the residual and time-embedding

@@ -35,8 +35,8 @@ from npo_merge.guidance.dual_branch import (
     uncond_rows,
 )
 
-__all__ = ["ChannelStore", "NpoAttentionCall", "NpoAttnProcessor", "NpoGEGLU", "NpoProjOut", "NpoResnetBlock", "NpoTransformerBlock",
-           "OutputStore", "install_output_stores", "remove_output_stores"]
+__all__ = ["ChannelStore", "NpoAttentionCall", "NpoAttnProcessor", "NpoGEGLU", "NpoProjOut", "NpoResnetBlock",
+           "NpoTransformerBlock", "OutputStore", "install_output_stores", "remove_output_stores"]
 
 
 def _store_kernels() -> tuple | None:
@@ -205,7 +205,8 @@ class NpoAttentionCall:
                  attention_mask: torch.Tensor | None = None, **cross_attention_kwargs: Any) -> torch.Tensor:
         attn = self.attn
         if cross_attention_kwargs or type(attn.processor) is not NpoAttnProcessor:
-            return type(attn).forward(attn, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+            return type(attn).forward(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                      **cross_attention_kwargs)
         return attn.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask)
 

@@ -13,8 +13,8 @@ The widened path costs less GPU time and more host time (an extra Triton launch 
 sampling is host-bound), so by default it serves CUDA-graph captures only; eager calls (bound for capture
 at their first call) run the norm and the projections as usual, q/k/v with one grouped launch. Any
 other call (another input, small batches, torch.compile, autograd) runs the usual path too, so results
-never depend on whether the fast path served. The tail is padded to a multiple of 64 elements: cuBLAS ran the GEMM
-up to 1.4x slower with rows of K + 8 elements (H100, fp16).
+never depend on whether the fast path served. The tail is padded to a multiple of 64 elements: cuBLAS
+ran the GEMM up to 1.4x slower with rows of K + 8 elements (H100, fp16).
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def _dual_linear_group_kernel(
     pid_m, member, pid_n = _member_position(MEMBERS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     _member_tile(x_ptr, _pick(member, w0, w1, w2), _pick(member, b0, b1, b2), _pick(member, d0, d1, d2),
                  _pick(member, u0, u1, u2), _pick(member, o0, o1, o2), _pick(member, scale0, scale1, scale2),
-                 pid_m, pid_n, M, N, K, R, n_uncond, stride_xm, stride_wn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                 EVEN_K, DOT_PRECISION, UPCAST)
+                 pid_m, pid_n, M, N, K, R, n_uncond, stride_xm, stride_wn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
+                 BLOCK_R, EVEN_K, DOT_PRECISION, UPCAST)
 
 
 @triton.jit(do_not_specialize=["n_uncond"])
@@ -303,8 +303,8 @@ def launch_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
     """Every member's output (x's leading shape, out_features) from one launch.
 
     x (..., in) contiguous; weights (out, in), rows of one stride; downs (r, in), ups (out, r), biases (out,)
-    or all None; n_uncond counts rows of x flattened to 2-D. ``outs`` (up to MAX_MEMBERS members): tensors to write
-    into. Raises ValueError when the members do not fit together.
+    or all None; n_uncond counts rows of x flattened to 2-D. ``outs`` (up to MAX_MEMBERS members): tensors
+    to write into. Raises ValueError when the members do not fit together.
     """
     scales = [float(s) for s in scales]
     if len(weights) > MAX_MEMBERS and outs is None:
