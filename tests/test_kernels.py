@@ -499,10 +499,14 @@ def test_bound_eager_launch_matches_the_general_launch_and_the_reference(row_str
     x, weight, bias, down, up = _layer(2 * 1024, 320, 640, 8, torch.float16, seed=4)
     linear = torch.nn.Linear(320, 640).to(DEVICE, torch.float16)
     with torch.no_grad():
-        linear.weight.data = torch.full((640, row_stride), float("nan"), dtype=torch.float16, device=DEVICE)[:, :320]
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
         layer = DualBranchLinear(linear, BranchDelta(LowRank(down, up, alpha=8.0)))  # scale alpha / rank = 1
+        if row_stride != 320:  # rows of a wider matrix, as a WideGroup lays out its members' weights
+            wide = torch.full((640, row_stride), float("nan"), dtype=torch.float16, device=DEVICE)
+            wide[:, :320] = weight
+            layer.weight.data, layer.joint_weight = wide[:, :320], None
+        assert layer.weight.stride(0) == row_stride
         layer.set_backend("fused")
         x = x.view(2, 1024, 320)
         first = layer(x)
