@@ -295,6 +295,9 @@ def test_misuse_is_refused_with_a_clear_message(cases):
         enable_npo(torch.compile(unet), deltas)
     with pytest.raises(InputError, match="not enabled"):
         set_branch_mode(unet, "cond")
+    with pytest.raises(InputError, match="unknown widened_norms 'sometimes'"):
+        enable_npo(unet, deltas, widened_norms="sometimes")
+    assert not any(isinstance(m, DualBranchLayer) for m in unet.modules())  # nothing was installed
     with enable_npo(unet, deltas):
         with pytest.raises(InputError, match="already enabled"):
             enable_npo(unet, deltas)
