@@ -188,8 +188,7 @@ class NpoAttnProcessor:
         def usual() -> torch.Tensor:
             return dropout(layer(x)) / factor
 
-        y = self.store(layer, x, usual, factor)  # the layer was found servable above
-        return y if y is not None else usual()
+        return self.store.output(layer, x, usual, factor)
 
 
 class NpoAttentionCall:
