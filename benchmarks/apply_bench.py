@@ -8,7 +8,8 @@
     mkdir /tmp/before && git archive 8c79739 | tar -x -C /tmp/before  # the code before, for --before
     python benchmarks/apply_bench.py sd1 --before /tmp/before --skip-extract
 
-Rows: `cp` of the target; `npo-merge apply` of a rank-64 LoRA on every UNet linear and conv layer;
+Rows: `cp` of the target, alone and followed by `sync`; the start every apply pays (Python importing torch);
+`npo-merge apply` of a rank-64 LoRA on every UNet linear and conv layer;
 `npo-merge apply` of a full fp16 delta (every UNet and text-encoder tensor); for sd1 also the
 add-difference job A + (B - C) as `npo-merge extract` then `apply`, and as sd-mecha's
 add_difference (if a Python with sd-mecha is given). Every command runs under /usr/bin/time in a
@@ -117,6 +118,9 @@ def main() -> None:
     # (label, command, inputs, sha256 cache: None = empty for each run, else this warm folder)
     rows: list[tuple[str, list[str], list[Path], str | None]] = [
         ("cp of the target", ["cp", str(target), str(out)], [target], None),
+        ("cp of the target, then sync (apply's O_DIRECT output is on disk when it returns; cp's is in the page cache)",
+         ["sh", "-c", 'cp "$0" "$1" && sync', str(target), str(out)], [target], None),
+        ("python -c 'import torch' (the fixed start of every apply)", [sys.executable, "-c", "import torch"], [], None),
         ("npo-merge apply, rank-64 LoRA (all UNet linear+conv), sha256 cache empty", lora_cmd, [target, lora], None),
         ("npo-merge apply, rank-64 LoRA (all UNet linear+conv), sha256 cache warm", lora_cmd, [target, lora], warm),
         ("npo-merge apply, full fp16 delta (UNet + text encoder), sha256 cache empty", full_cmd, [target, full], None),
