@@ -225,7 +225,7 @@ def _read_rows_fp32(source: SafetensorsReader, info: TensorInfo, rows: tuple[int
     wide = buffers.get("fp32", numel, torch.float32)
     if info.dtype == torch.float32:
         return source.read_into(info.name, wide, rows).view(-1)
-    return wide.copy_(source.read_into(info.name, buffers.get("target", numel, info.dtype), rows).view(-1))
+    return source.read_converted(info.name, wide, rows).view(-1)
 
 
 def _row_deltas(plan: ApplyPlan, source: SafetensorsReader,
