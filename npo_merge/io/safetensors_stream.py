@@ -46,10 +46,10 @@ CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 _PAGE = mmap.ALLOCATIONGRANULARITY
+_COPY_SLICE = 16 * 1024 * 1024
 
 # read_converted only reads its torch.frombuffer view of the read-only map, which torch warns about once.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning, module=__name__)
-_COPY_SLICE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
