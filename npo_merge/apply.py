@@ -220,12 +220,9 @@ def _row_chunks(plan: ApplyPlan, key: str, info: TensorInfo) -> list[tuple[int, 
 
 
 def _read_rows_fp32(source: SafetensorsReader, info: TensorInfo, rows: tuple[int, int], buffers: Buffers) -> torch.Tensor:
-    """Rows [start, stop) of a target tensor as a flat fp32 tensor in `buffers` (read straight in when fp32)."""
+    """Rows [start, stop) of a target tensor as a flat fp32 tensor in `buffers`."""
     numel = (rows[1] - rows[0]) * (info.numel // info.shape[0])
-    wide = buffers.get("fp32", numel, torch.float32)
-    if info.dtype == torch.float32:
-        return source.read_into(info.name, wide, rows).view(-1)
-    return source.read_converted(info.name, wide, rows).view(-1)
+    return source.read_into(info.name, buffers.get("fp32", numel, torch.float32), rows).view(-1)
 
 
 def _row_deltas(plan: ApplyPlan, source: SafetensorsReader,

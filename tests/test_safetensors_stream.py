@@ -62,7 +62,7 @@ def test_reader_reads_reference_writer_files_one_tensor_at_a_time(tmp_path: Path
 
 
 @pytest.mark.filterwarnings("ignore:The given buffer is not writable")  # pytest's own filters replace the library's
-def test_read_converted_fills_the_front_of_a_buffer_of_another_dtype(tmp_path: Path) -> None:
+def test_read_into_a_buffer_of_another_dtype_converts(tmp_path: Path) -> None:
     tensors = _tensors()
     path = tmp_path / "ref.safetensors"
     save_file(tensors, path)
@@ -71,21 +71,21 @@ def test_read_converted_fills_the_front_of_a_buffer_of_another_dtype(tmp_path: P
         for name, rows, dtype in [("a.half", (1, 4), torch.float32), ("c.bf16", None, torch.float32),
                                   ("b.weight", (1, 3), torch.float64), ("a.half", (2, 2), torch.float32)]:
             out = torch.full((16,), float("nan"), dtype=dtype)
-            part = reader.read_converted(name, out, rows)
+            part = reader.read_into(name, out, rows)
             expected = tensors[name] if rows is None else tensors[name][rows[0]:rows[1]]
             assert part.dtype == dtype and part.shape == expected.shape
             assert torch.equal(part, expected.to(dtype))
             assert (part.numel() == 0 or part.data_ptr() == out.data_ptr()) and out[expected.numel():].isnan().all()
         with pytest.raises(ValueError, match="cannot hold 'b.weight'"):
-            reader.read_converted("b.weight", torch.empty(11, dtype=torch.float64))
+            reader.read_into("b.weight", torch.empty(11, dtype=torch.float64))
     assert path.read_bytes() == before
 
 
-def test_read_converted_does_not_warn_about_the_read_only_map(tmp_path: Path) -> None:
+def test_converting_read_does_not_warn_about_the_read_only_map(tmp_path: Path) -> None:
     # torch warns once per process about a tensor over read-only memory, hence a fresh process
     save_file({"a": torch.ones(2, 2).half()}, tmp_path / "x.safetensors")
     code = ("import sys, torch; from npo_merge.io.safetensors_stream import SafetensorsReader; "
-            "print(SafetensorsReader(sys.argv[1]).read_converted('a', torch.empty(4)).sum().item())")
+            "print(SafetensorsReader(sys.argv[1]).read_into('a', torch.empty(4)).sum().item())")
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code, str(tmp_path / "x.safetensors")],
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "4.0", done.stderr

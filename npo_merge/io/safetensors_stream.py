@@ -48,7 +48,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _COPY_SLICE = 16 * 1024 * 1024
 
-# read_converted only reads its torch.frombuffer view of the read-only map, which torch warns about once.
+# read_into only reads its torch.frombuffer view of the read-only map, which torch warns about once.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning, module=__name__)
 
 
@@ -226,13 +226,23 @@ class SafetensorsReader(Mapping[str, TensorInfo]):
         return self._file.fileno()
 
     def read_into(self, name: str, buffer: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor (or rows of it) into the front of `buffer`, a contiguous tensor of its dtype
-        and at least its size; returns that part of `buffer`, shaped like the tensor. No memory map."""
+        """Read one tensor (or rows of it) into the front of `buffer`, a contiguous tensor at least its size;
+        returns that part of `buffer`, shaped like the tensor. A buffer of the tensor's dtype is read into
+        with `preadv`; one of another dtype gets the conversion straight from the memory-mapped file, one
+        pass over the bytes instead of a read and then a conversion (less kernel time, BENCHMARKS.md)."""
         info, shape, begin, end = self._span(name, rows)
-        if buffer.dtype != info.dtype or not buffer.is_contiguous() or buffer.numel() < math.prod(shape):
+        numel = math.prod(shape)
+        if not buffer.is_contiguous() or buffer.numel() < numel:
             raise ValueError(f"buffer of {buffer.dtype} x {buffer.numel()} cannot hold {name!r} rows {rows}")
-        out = buffer.view(-1)[: math.prod(shape)]
-        target = memoryview(out.view(torch.uint8).numpy()) if end > begin else memoryview(b"")
+        out = buffer.view(-1)[:numel]
+        if end == begin:
+            return out.view(shape)
+        if buffer.dtype != info.dtype:
+            assert self._map is not None
+            out.copy_(torch.frombuffer(self._map, dtype=info.dtype, count=numel, offset=begin))
+            self._release(begin, end)
+            return out.view(shape)
+        target = memoryview(out.view(torch.uint8).numpy())
         done = 0
         while done < end - begin:
             count = os.preadv(self._file.fileno(), [target[done:]], begin + done)
@@ -240,21 +250,6 @@ class SafetensorsReader(Mapping[str, TensorInfo]):
                 raise InputError(f"{self.path}: file ended inside tensor {name!r}; was it changed while reading?")
             done += count
         return out.view(shape)
-
-    def read_converted(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor (or rows of it) into the front of `out`, a contiguous tensor of another dtype, and
-        return that part shaped like the tensor. The conversion reads the mapped file itself: one pass over
-        the bytes instead of a read and then a conversion (less kernel time, BENCHMARKS.md)."""
-        info, shape, begin, end = self._span(name, rows)
-        numel = math.prod(shape)
-        if not out.is_contiguous() or out.numel() < numel:
-            raise ValueError(f"buffer of {out.dtype} x {out.numel()} cannot hold {name!r} rows {rows}")
-        part = out.view(-1)[:numel]
-        if end > begin:
-            assert self._map is not None
-            part.copy_(torch.frombuffer(self._map, dtype=info.dtype, count=numel, offset=begin))
-            self._release(begin, end)
-        return part.view(shape)
 
     def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Load one tensor, or rows [start, stop) of its first dimension (a copy the caller owns)."""
